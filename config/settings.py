@@ -1,0 +1,92 @@
+"""The one settings object. Nothing else in the project reads the environment.
+
+Names are the operations guide's (`ENVIRONMENT`, `DB_URL`, ...); anything not set falls back to
+the embedded default so that a bare machine runs the service with no configuration at all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, case_sensitive=True, extra="ignore")
+
+    ENVIRONMENT: Literal["development", "test", "staging", "production"] = "development"
+    """Outside development and test, placeholder secrets are refused."""
+    SECRET_KEY: str = DEV_SECRET_KEY
+    """Keys API-key hashes and webhook signatures."""
+    DB_URL: str | None = None
+    """SQLAlchemy URL; unset means a local SQLite file under STORAGE_BASE_PATH."""
+    REDIS_URL: str | None = None
+    """Unset means in-process rate limits and progress."""
+    HF_TOKEN: str | None = None
+    """Only for hub downloads in production (gated pyannote pipelines)."""
+    AI_DEVICE: Literal["cpu", "cuda", "auto"] = "cpu"
+    """cuda runs fp16 + SDPA; cpu runs fp32; auto picks cuda when one is present."""
+    WHISPER_MODEL_PATH: str = "tiny.en"
+    """A packaged name (tiny.en, base), a local transformers directory, or a hub id."""
+    DIARIZATION_MODEL_PATH: str = "packaged"
+    """`packaged` (offline checkpoints), a local pyannote pipeline directory, or a hub id."""
+    STORAGE_TYPE: Literal["local"] = "local"
+    STORAGE_BASE_PATH: Path = Path("var/storage")
+    AUDIO_MAX_FILE_SIZE: int = Field(default=100 * 1024 * 1024, ge=1)
+    """Bytes; uploads past it are refused while streaming."""
+    AUDIO_MAX_DURATION_S: float = Field(default=4 * 3600.0, gt=0)
+    """Decoded audio longer than this is refused before any model time is spent."""
+    MODEL_CACHE_DIR: Path = Path.home() / ".cache" / "speech-service" / "models"
+    """Where packaged CTranslate2 models are converted to transformers format, once."""
+    DB_POOL_SIZE: int = Field(default=5, ge=1)
+    """Connections kept open per process on PostgreSQL (SQLite uses none)."""
+    DB_MAX_OVERFLOW: int = Field(default=10, ge=0)
+    """Extra PostgreSQL connections allowed under burst, closed when returned."""
+    RATE_LIMIT_PER_MINUTE: int = Field(default=100, ge=0)
+    """Requests per client IP in any 60 s window; 0 disables the IP limit."""
+    RATE_LIMIT_KEY_PER_MINUTE: int = Field(default=100, ge=0)
+    """Requests per API key in any 60 s window; 0 disables the key limit."""
+    JOB_LEASE_S: float = Field(default=60.0, gt=0)
+    """A running job whose lease is not renewed for this long is claimed again."""
+    JOB_HEARTBEAT_S: float = Field(default=15.0, gt=0)
+    """How often a runner renews the lease of the job it works on (well under JOB_LEASE_S)."""
+    JOB_MAX_ATTEMPTS: int = Field(default=3, ge=1)
+    """Claims per job before it is failed with the last reason."""
+    JOB_POLL_S: float = Field(default=1.0, gt=0)
+    """Idle runner wait between looks at the queue."""
+    JOB_RETENTION_DAYS: float = Field(default=30.0, gt=0)
+    """Finished jobs, their results and audio are deleted this long after they finish."""
+    WEBHOOK_SECRET: str | None = None
+    """HMAC key of webhook signatures; unset derives one from SECRET_KEY."""
+    WEBHOOK_ALLOW_INTERNAL: bool = False
+    """Allow callback_url to loopback/private/link-local addresses (tests, trusted networks)."""
+    WEBHOOK_MAX_ATTEMPTS: int = Field(default=5, ge=1)
+    WEBHOOK_BACKOFF_S: float = Field(default=1.0, ge=0)
+    """First retry delay; doubled after each failed delivery."""
+    WEBHOOK_TIMEOUT_S: float = Field(default=5.0, gt=0)
+    LOG_LEVEL: str = "INFO"
+    LOG_FILE: Path | None = None
+    """When set, JSON logs also go to this file, rotated at 10 MB, 5 files kept."""
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.ENVIRONMENT in ("staging", "production") and self.SECRET_KEY == DEV_SECRET_KEY:
+            raise ValueError("SECRET_KEY must be set outside development and test")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        if self.DB_URL:
+            return self.DB_URL
+        return f"sqlite:///{(self.STORAGE_BASE_PATH / 'service.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,80 @@
+"""`python -m serve`: the service on a bare machine (local Ray, CPU profile, packaged model).
+
+Starts a private local Ray cluster (never joins one found on the machine), runs the graph of
+`serve_config.yaml` with its deployment options, prints where it listens, and on Ctrl-C or
+SIGTERM shuts down Serve and Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml",
+                        help="serve config file whose first application is run")
+    parser.add_argument("--host", default=None, help="bind address (default: from the config)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: from the config)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use")
+    parser.add_argument("--ray-auth-mode", choices=("disabled", "token"), default="disabled",
+                        help="RAY_AUTH_MODE for the local cluster (token: Ray generates a token "
+                             "in ~/.ray/auth_token)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    # Ray reads its auth mode from the environment when it starts: set it explicitly, first.
+    os.environ["RAY_AUTH_MODE"] = args.ray_auth_mode
+
+    import ray
+    from ray import serve
+
+    from config.logging_setup import configure_logging
+    from config.settings import get_settings
+    from serve.app import build_from_config
+
+    settings = get_settings()
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FILE)
+    config: dict[str, Any] = yaml.safe_load(args.config.read_text())
+    http = dict(config.get("http_options") or {})
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port or int(http.get("port", 8000))
+    app_config = config["applications"][0]
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    env_vars = dict((app_config.get("runtime_env") or {}).get("env_vars") or {})
+    ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": env_vars})
+    try:
+        serve.start(http_options={"host": host, "port": port,
+                                  "request_timeout_s": http.get("request_timeout_s")})
+        serve.run(build_from_config(app_config), name=app_config.get("name", "speech"),
+                  route_prefix=app_config.get("route_prefix", "/"))
+        print(f"speech service listening on http://{host}:{port}  "
+              f"(docs: http://{host}:{port}/docs; Ctrl-C to stop)", flush=True)
+        stop.wait()
+        print("stopping: shutting down Serve and Ray", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

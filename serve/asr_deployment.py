@@ -1,0 +1,142 @@
+"""The ASR replica: Whisper loaded once, windows of all concurrent requests batched together.
+
+A request hands over its decoded audio once (through the object store); the replica cuts it
+into <= 30 s windows and awaits each window on `_batched_windows`, a `@serve.batch` method that
+takes single windows. Serve's batch queue therefore mixes windows of every request in flight.
+The model call runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting
+requests and collecting the next batch meanwhile.
+
+Batch size and wait come from `user_config` (`reconfigure`), so they change without a redeploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from config.settings import get_settings
+from serve.metrics import ReplicaMetrics
+from speech.types import SAMPLE_RATE, TranscribeOptions, Transcript
+
+log = logging.getLogger("serve.asr")
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.05
+BATCH_HISTORY = 512
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One window queued for a batch, tagged with the request it belongs to."""
+
+    request_id: str
+    window: Any  # speech.asr.Window
+
+
+@serve.deployment(
+    name="ASRDeployment",
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    ray_actor_options={"num_cpus": 1},
+    user_config={"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
+                 "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S},
+    health_check_period_s=10,
+)
+class ASRDeployment:
+    """Wraps `speech.asr.WhisperEngine`; Ray lives here, not in the engine."""
+
+    def __init__(self, model: str | None = None, device: str | None = None) -> None:
+        from config.logging_setup import configure_logging
+        from speech.asr import WhisperEngine
+
+        settings = get_settings()
+        configure_logging(settings.LOG_LEVEL, settings.LOG_FILE)
+        self._metrics = ReplicaMetrics()
+        self._engine = WhisperEngine(model or settings.WHISPER_MODEL_PATH,
+                                     device or settings.AI_DEVICE,
+                                     settings.MODEL_CACHE_DIR)
+        t0 = time.perf_counter()
+        self._engine.load()
+        load_s = time.perf_counter() - t0
+        self._metrics.model_load_seconds.set(load_s, tags={"model": self._engine.model_name})
+        log.info("asr replica ready", extra={"model": self._engine.model_name,
+                                             "load_seconds": round(load_s, 2)})
+        self._queued = 0
+        self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
+                          "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}
+        self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply `user_config`: `max_batch_size` and `batch_wait_timeout_s`."""
+        size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+        wait = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
+        self._batched_windows.set_max_batch_size(size)
+        self._batched_windows.set_batch_wait_timeout_s(wait)
+        self._batching = {"max_batch_size": size, "batch_wait_timeout_s": wait}
+        log.info("asr batching configured", extra={"max_batch_size": size,
+                                                   "batch_wait_timeout_s": wait})
+
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
+        """Split, batch every window with whatever else is in flight, stitch."""
+        engine = self._engine
+        windows = await asyncio.to_thread(engine.split, audio, options)
+        request_id = uuid.uuid4().hex
+        self._set_queued(len(windows))
+        results = await asyncio.gather(*(self._batched_windows(_Item(request_id, w))
+                                         for w in windows))
+        return await asyncio.to_thread(engine.stitch, audio, windows, list(results), options)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+                 batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _batched_windows(self, items: list[_Item]) -> list[Any]:
+        """One model call for windows of possibly many requests."""
+        self._set_queued(-len(items))
+        windows = [item.window for item in items]
+        audio_s = sum(len(w.samples) for w in windows) / SAMPLE_RATE
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self._engine.transcribe_windows, windows)
+        except Exception:
+            self._metrics.asr_errors.inc()
+            log.exception("asr batch failed", extra={"batch_size": len(items)})
+            raise
+        compute_s = time.perf_counter() - t0
+        requests = len({item.request_id for item in items})
+        self._metrics.asr_batch_size.observe(len(items))
+        self._metrics.asr_windows.inc(len(items))
+        self._metrics.asr_audio_seconds.inc(audio_s)
+        if compute_s > 0:
+            self._metrics.asr_real_time_factor.set(audio_s / compute_s)
+        self._batches.append({"batch_size": len(items), "requests": requests,
+                              "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3)})
+        log.info("asr batch", extra={"batch_size": len(items), "requests": requests,
+                                     "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3)})
+        return results
+
+    def _set_queued(self, delta: int) -> None:
+        self._queued += delta
+        self._metrics.asr_queue_length.set(self._queued)
+
+    def model_info(self) -> dict[str, Any]:
+        """What `GET /v1/models` and `/ready` report."""
+        engine = self._engine
+        return {"id": engine.model_name, "multilingual": bool(engine.is_multilingual),
+                "languages": engine.languages(), "device": engine.device}
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Recent batches (size, distinct requests): the evidence that requests share batches."""
+        batches = list(self._batches)
+        return {"batches": batches, **self._batching}
+
+    def check_health(self) -> None:
+        """Serve's health check: the model must be loaded."""
+        if self._engine.model is None:
+            raise RuntimeError("whisper model is not loaded")

@@ -1,0 +1,369 @@
+"""The job runner: claims queued jobs under a lease, transcribes them, stores results once.
+
+Transcription is an injected async callable `transcribe(audio_path, options) -> Transcript`, so the
+same runner drives the ASR deployment inside Serve (through handles) and the engine directly in a
+standalone process (`python -m serve.job_runner`). Database calls run in threads, never on the loop.
+
+Guarantees (see db/repository.py): a job whose runner dies is claimed again when its lease expires,
+at most JOB_MAX_ATTEMPTS times; only the current lease owner may write results, and writing replaces
+what an earlier attempt wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.orm import Session
+
+from config.settings import get_settings
+from db import repository as repo
+from db.models import TERMINAL_STATUSES, Job, utcnow
+from db.session import get_sessionmaker
+from serve import webhooks
+from speech.errors import SpeechError
+from speech.types import Segment, Transcript, TranscribeOptions
+
+log = logging.getLogger(__name__)
+
+
+class JobOptions(BaseModel):
+    """What a job asks for: the transcription endpoint's options plus diarization hints."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    model: str | None = None
+    language: str | None = Field(default=None, max_length=16)
+    prompt: str | None = Field(default=None, max_length=4000)
+    task: Literal["transcribe", "translate"] = "transcribe"
+    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
+    word_timestamps: bool = False
+    diarize: bool = False
+    num_speakers: int | None = Field(default=None, ge=1, le=64)
+    min_speakers: int | None = Field(default=None, ge=1, le=64)
+    max_speakers: int | None = Field(default=None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _speaker_range(self) -> JobOptions:
+        if self.min_speakers and self.max_speakers and self.min_speakers > self.max_speakers:
+            raise ValueError("min_speakers must not exceed max_speakers")
+        return self
+
+    def transcribe_options(self) -> TranscribeOptions:
+        return TranscribeOptions(language=self.language, task=self.task, initial_prompt=self.prompt,
+                                 word_timestamps=self.word_timestamps, temperature=self.temperature)
+
+
+class Transcribe(Protocol):
+    def __call__(self, audio: Path, options: JobOptions) -> Awaitable[Transcript]: ...
+
+
+_progress: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar("job_progress", default=None)
+
+
+def report_progress(fraction: float) -> None:
+    """Called by a transcribe callable to publish progress (0..1); written at the next heartbeat."""
+    callback = _progress.get()
+    if callback is not None:
+        callback(min(max(fraction, 0.0), 1.0))
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class JobRunner:
+    """Runs `concurrency` claim loops on the current event loop until stopped."""
+
+    def __init__(
+        self,
+        transcribe: Transcribe,
+        *,
+        owner: str | None = None,
+        concurrency: int = 1,
+        lease_s: float | None = None,
+        heartbeat_s: float | None = None,
+        poll_s: float | None = None,
+        db_url: str | None = None,
+        delete_audio: Callable[[str], None] | None = None,
+    ) -> None:
+        s = get_settings()
+        self.transcribe = transcribe
+        self.owner = owner or default_owner()
+        self.concurrency = concurrency
+        self.lease_s = lease_s or s.JOB_LEASE_S
+        self.heartbeat_s = heartbeat_s or min(s.JOB_HEARTBEAT_S, self.lease_s / 3)
+        self.poll_s = poll_s or s.JOB_POLL_S
+        self.retention = timedelta(days=s.JOB_RETENTION_DAYS)
+        self._sessions = get_sessionmaker(db_url)
+        self._delete_audio = delete_audio
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self.processed: list[str] = []
+        """Ids of jobs this runner finished (any terminal status), in order."""
+
+    async def _db(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        def call() -> Any:
+            with self._sessions() as session:
+                return fn(session=session, **kwargs)
+
+        return await asyncio.to_thread(call)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the claim loops as tasks of the running event loop (e.g. in an ingress replica)."""
+        self._stop.clear()
+        self._loops = [asyncio.create_task(self._loop(i)) for i in range(self.concurrency)]
+        self._loops.append(asyncio.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        """Stop claiming; jobs in flight are abandoned and reclaimed after their lease expires."""
+        self._stop.set()
+        for task in self._loops + list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+
+    async def run_until_stopped(self) -> None:
+        self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    async def _loop(self, index: int) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a DB outage must not kill the loop
+                log.exception("runner loop error; retrying", extra={"runner": self.owner})
+                worked = None
+            if worked is None:
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=self.poll_s)
+                except TimeoutError:
+                    pass
+
+    async def _housekeeping(self) -> None:
+        while not self._stop.is_set():
+            try:
+                failed = await self._db(repo.fail_exhausted_jobs)
+                for job_id in failed:
+                    log.warning("job failed: attempts exhausted", extra={"job_id": job_id})
+                    self._spawn(self._send_webhook(job_id))
+                orphans = await self._db(repo.purge_finished, older_than=utcnow() - self.retention)
+                for sha in orphans:
+                    self._remove_audio(sha)
+            except Exception:  # noqa: BLE001
+                log.exception("housekeeping error")
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=max(self.lease_s / 2, 1.0))
+            except TimeoutError:
+                pass
+
+    def _remove_audio(self, sha256: str) -> None:
+        remover = self._delete_audio
+        if remover is None:
+            try:
+                from serve.storage import delete_audio as remover  # type: ignore[no-redef]
+            except ImportError:  # storage module not present in this deployment
+                return
+        remover(sha256)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ one job
+
+    async def run_once(self) -> str | None:
+        """Claim and process one job; returns its id, or None when the queue is empty."""
+        job: Job | None = await self._db(repo.claim_next_job, owner=self.owner, lease_s=self.lease_s)
+        if job is None:
+            return None
+        await self._process(job)
+        return job.id
+
+    async def _process(self, job: Job) -> None:
+        log.info("job claimed", extra={"job_id": job.id, "attempt": job.attempts, "runner": self.owner})
+        progress: list[float] = [0.0]
+        _progress.set(lambda fraction: progress.__setitem__(0, fraction))  # seen by the work task below
+        try:
+            options = JobOptions.model_validate(job.options)
+        except ValueError as exc:
+            await self._finish(job, await self._db(repo.release_job, job_id=job.id, owner=self.owner,
+                                                    error=f"invalid_option: {exc}", retry=False))
+            return
+        work = asyncio.ensure_future(self.transcribe(Path(job.audio_path or ""), options))
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=self.heartbeat_s)
+            if done:
+                break
+            if not await self._db(repo.renew_lease, job_id=job.id, owner=self.owner,
+                                  lease_s=self.lease_s, progress=progress[0]):
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                log.info("job cancelled or lease lost; result discarded", extra={"job_id": job.id})
+                return
+        from serve.errors import OverloadedError
+
+        try:
+            transcript = work.result()
+        except OverloadedError:  # backpressure: not the job's fault, so the attempt is not counted
+            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
+                                    error="model overloaded; requeued", retry=True, refund_attempt=True)
+            await asyncio.sleep(self.poll_s)
+        except SpeechError as exc:  # bad input: retrying cannot help
+            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
+                                    error=f"{exc.code}: {exc}", retry=False)
+        except Exception as exc:  # noqa: BLE001 - anything else may be transient: retry
+            log.warning("job attempt failed", extra={"job_id": job.id, "error": type(exc).__name__})
+            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
+                                    error=f"{type(exc).__name__}: {exc}"[:2000], retry=True)
+        else:
+            ok = await self._db(repo.complete_job, job_id=job.id, owner=self.owner, transcript=transcript)
+            status = "succeeded" if ok else None
+        await self._finish(job, status)
+
+    async def _finish(self, job: Job, status: str | None) -> None:
+        if status is None:
+            log.info("job no longer ours; result discarded", extra={"job_id": job.id})
+            return
+        log.info("job finished", extra={"job_id": job.id, "status": status, "attempt": job.attempts,
+                                        "runner": self.owner})
+        if status in TERMINAL_STATUSES:
+            self.processed.append(job.id)
+            if job.callback_url:
+                self._spawn(self._send_webhook(job.id))
+
+    async def _send_webhook(self, job_id: str) -> None:
+        job = await self._db(repo.get_job, job_id=job_id, user_id=None)
+        if job is None or not job.callback_url:
+            return
+        delivered, attempts = await webhooks.deliver(job.callback_url, webhooks.job_payload(job))
+        await self._db(repo.set_webhook_result, job_id=job_id, delivered=delivered, attempts=attempts)
+        log.info("webhook delivered" if delivered else "webhook gave up",
+                 extra={"job_id": job_id, "attempts": attempts})
+
+
+# ---------------------------------------------------------------- transcribe callables
+
+
+def noop_transcriber(delay_s: float = 0.0) -> Transcribe:
+    """A stand-in model for queue tests and benchmarks: one empty segment after `delay_s`.
+
+    It tests the queue, never transcription: nothing reads the audio.
+    """
+
+    async def transcribe(audio: Path, options: JobOptions) -> Transcript:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        return Transcript(language=options.language or "en", duration=0.0,
+                          segments=[Segment(id=0, start=0.0, end=0.0, text="")])
+
+    return transcribe
+
+
+def engine_transcriber(engine: Any, diarizer: Any | None = None) -> Transcribe:
+    """The engine run directly (standalone runner, tests): decode, transcribe, diarize, in a thread."""
+    lock = asyncio.Lock()  # one model call at a time in this process; batching is Serve's job
+
+    def run(audio_path: Path, options: JobOptions) -> Transcript:
+        from speech.audio import decode_audio
+
+        audio = decode_audio(audio_path, max_duration_s=get_settings().AUDIO_MAX_DURATION_S)
+        report_progress(0.1)
+        transcript = engine.transcribe([audio], options.transcribe_options())[0]
+        if options.diarize and diarizer is not None:
+            from speech.speaker_merge import assign_speakers
+
+            turns = diarizer.diarize(audio, num_speakers=options.num_speakers,
+                                     min_speakers=options.min_speakers, max_speakers=options.max_speakers)
+            transcript = assign_speakers(transcript, turns)
+        return transcript
+
+    async def transcribe(audio: Path, options: JobOptions) -> Transcript:
+        async with lock:
+            return await asyncio.to_thread(contextvars.copy_context().run, run, audio, options)
+
+    return transcribe
+
+
+def handles_transcriber(asr: Any, diarizer: Any | None = None) -> Transcribe:
+    """Inside Serve: decode here, then the ASR (+ diarization) deployments through their handles,
+    so job windows share batches with the synchronous requests."""
+    from serve.ingress import run_transcription
+
+    async def transcribe(audio_path: Path, options: JobOptions) -> Transcript:
+        from speech.audio import decode_audio
+
+        audio = await asyncio.to_thread(decode_audio, audio_path,
+                                        max_duration_s=get_settings().AUDIO_MAX_DURATION_S)
+        report_progress(0.1)
+        return await run_transcription(
+            asr, diarizer, audio, options.transcribe_options(), diarize=options.diarize,
+            num_speakers=options.num_speakers, min_speakers=options.min_speakers,
+            max_speakers=options.max_speakers)
+
+    return transcribe
+
+
+def _load_engine() -> Any:
+    from speech.asr import WhisperEngine
+
+    s = get_settings()
+    engine = WhisperEngine(model=s.WHISPER_MODEL_PATH, device="cpu" if s.AI_DEVICE == "cpu" else s.AI_DEVICE,
+                           cache_dir=s.MODEL_CACHE_DIR)
+    engine.load()
+    return engine
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Standalone runner process: `python -m serve.job_runner [--engine whisper|noop]`; stops on SIGTERM."""
+    from config.logging_setup import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m serve.job_runner", description=main.__doc__)
+    parser.add_argument("--engine", choices=("whisper", "noop"), default="whisper")
+    parser.add_argument("--noop-delay-s", type=float, default=0.0)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--lease-s", type=float, default=None)
+    parser.add_argument("--heartbeat-s", type=float, default=None)
+    parser.add_argument("--poll-s", type=float, default=None)
+    parser.add_argument("--exit-when-idle", action="store_true", help="stop once the queue is empty")
+    args = parser.parse_args(argv)
+    s = get_settings()
+    configure_logging(s.LOG_LEVEL, s.LOG_FILE)
+    transcribe = noop_transcriber(args.noop_delay_s) if args.engine == "noop" else engine_transcriber(_load_engine())
+
+    async def amain() -> None:
+        runner = JobRunner(transcribe, concurrency=args.concurrency, lease_s=args.lease_s,
+                           heartbeat_s=args.heartbeat_s, poll_s=args.poll_s)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner._stop.set)
+        log.info("runner started", extra={"runner": runner.owner, "engine": args.engine})
+        if args.exit_when_idle:
+            while await runner.run_once() is not None:
+                pass
+        else:
+            await runner.run_until_stopped()
+        log.info("runner stopped", extra={"runner": runner.owner, "processed": len(runner.processed)})
+
+    asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    main()

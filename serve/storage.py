@@ -1,0 +1,93 @@
+"""Uploaded audio on disk: streamed, size-capped while streaming, content-addressed.
+
+An upload is copied chunk by chunk into a temporary file under `STORAGE_BASE_PATH/tmp` while
+its SHA-256 is computed; past `max_bytes` the copy stops with a 413 and the temporary file is
+removed. A complete upload is renamed to `audio/<sha[:2]>/<sha>`, so the same bytes are stored
+once. `StoredAudio.created` says whether this upload created the file, so a failed request
+deletes only what it added and never audio another job still references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from config.settings import get_settings
+from serve.errors import UploadTooLargeError
+
+CHUNK_BYTES = 1 << 20
+
+
+class _Upload(Protocol):
+    """What `save_upload` needs of FastAPI's `UploadFile`: a readable binary file."""
+
+    file: BinaryIO
+
+
+@dataclass(frozen=True)
+class StoredAudio:
+    path: Path
+    sha256: str
+    size: int
+    created: bool = True
+    """False when identical bytes were already stored (by an earlier request or job)."""
+
+
+def audio_path(sha256: str, base_path: Path | None = None) -> Path:
+    """Where the audio with this digest lives."""
+    base = Path(base_path if base_path is not None else get_settings().STORAGE_BASE_PATH)
+    return base / "audio" / sha256[:2] / sha256
+
+
+async def save_upload(upload: _Upload, *, max_bytes: int, base_path: Path | None = None) -> StoredAudio:
+    """Stream `upload` to storage; UploadTooLargeError (413) as soon as it passes `max_bytes`."""
+    return await asyncio.to_thread(save_stream, upload.file, max_bytes=max_bytes, base_path=base_path)
+
+
+def save_stream(stream: BinaryIO, *, max_bytes: int, base_path: Path | None = None) -> StoredAudio:
+    """Blocking core of `save_upload`, also usable for any binary stream (jobs, CLI)."""
+    base = Path(base_path if base_path is not None else get_settings().STORAGE_BASE_PATH)
+    tmp_dir = base / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, tmp_name = tempfile.mkstemp(prefix="upload-", dir=tmp_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UploadTooLargeError(max_bytes)
+                digest.update(chunk)
+                out.write(chunk)
+        sha = digest.hexdigest()
+        final = audio_path(sha, base)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        created = not final.exists()
+        if created:
+            os.replace(tmp, final)
+        else:
+            tmp.unlink()
+        return StoredAudio(path=final, sha256=sha, size=size, created=created)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def delete_audio(sha256: str, *, base_path: Path | None = None) -> bool:
+    """Remove stored audio; True if a file was removed."""
+    path = audio_path(sha256, base_path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    try:
+        path.parent.rmdir()  # only succeeds when the shard directory is now empty
+    except OSError:
+        pass
+    return True

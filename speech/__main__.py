@@ -1,0 +1,3 @@
+from speech.cli import main
+
+raise SystemExit(main())

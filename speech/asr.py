@@ -1,0 +1,619 @@
+"""The Whisper engine: windows from many inputs decoded together, stitched back per input.
+
+Flow for one call: `split` cuts each input at pauses into <= 30 s windows (Silero VAD);
+`transcribe_windows` turns any list of windows, from any number of inputs and requests, into
+one batch through the encoder and a greedy decoding loop with Whisper's timestamp rules;
+`stitch` puts each input's windows back together with exact offsets. The Serve replica calls the
+three steps separately so that windows of concurrent requests share batches; everyone else
+calls `transcribe`.
+
+The decoding loop is our own rather than `generate()`: a plain loop over the decoder with a
+KV cache applies the timestamp rules batched as tensor masks, and yields the per-window
+no-speech probability and log-probabilities the hallucination guards need, at a fraction of
+generate's per-step overhead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech.alignment import token_timings
+from speech.errors import InvalidOptionError
+from speech.languages import LANGUAGES
+from speech.types import SAMPLE_RATE, Segment, TranscribeOptions, Transcript, Word
+from speech.vad import SileroVad, VadParams
+from speech.windowing import MAX_WINDOW_S, plan_windows
+
+log = logging.getLogger(__name__)
+
+TIME_PRECISION = 0.02
+MAX_NEW_TOKENS = 224
+COMPRESSION_RATIO_LIMIT = 2.4
+LOGPROB_LIMIT = -1.0
+NO_SPEECH_LIMIT = 0.6
+FALLBACK_TEMPERATURES = (0.2, 0.6)
+
+
+@dataclass
+class Window:
+    """One <= 30 s piece of one input, ready to be batched with any other window."""
+
+    samples: np.ndarray
+    offset_s: float
+    options: TranscribeOptions
+    index: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass
+class WindowResult:
+    """What the model made of one window; times are relative to the window start."""
+
+    language: str
+    segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass
+class _Decoded:
+    tokens: list[int]
+    logprobs: list[float]
+    no_speech_prob: float
+    temperature: float
+
+    @property
+    def avg_logprob(self) -> float:
+        return float(np.mean(self.logprobs)) if self.logprobs else 0.0
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(gzip.compress(data)) if data else 0.0
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class WhisperEngine:
+    """Whisper through transformers, loaded once, called with batches of windows."""
+
+    def __init__(
+        self,
+        model: str = "tiny.en",
+        device: str = "cpu",
+        cache_dir: Path | None = None,
+        *,
+        quantize: bool | None = None,
+        max_batch_size: int = 32,
+        vad_params: VadParams | None = None,
+    ) -> None:
+        self.model_spec = model
+        self.device = resolve_device(device)
+        self.cache_dir = cache_dir
+        self.quantize = (self.device == "cpu") if quantize is None else quantize
+        self.max_batch_size = max_batch_size
+        self.vad = SileroVad(vad_params)
+        self.model = None
+        self.load_seconds = 0.0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> None:
+        """Resolve, convert if needed and load the model; a second call does nothing."""
+        if self.model is not None:
+            return
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        from speech.model_store import resolve_whisper_model
+
+        t0 = time.perf_counter()
+        if self.cache_dir is None:
+            from config.settings import get_settings
+
+            self.cache_dir = get_settings().MODEL_CACHE_DIR
+        path = resolve_whisper_model(self.model_spec, Path(self.cache_dir))
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        model = WhisperForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa"
+        )
+        model = model.to(self.device).eval()
+        if self.quantize and self.device == "cpu":
+            model = torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear}, dtype=torch.qint8
+            )
+        processor = WhisperProcessor.from_pretrained(path)
+        self.feature_extractor = processor.feature_extractor
+        self.tokenizer = processor.tokenizer
+        self.generation_config = model.generation_config
+        self._init_tokens()
+        self.vad.load()
+        self.model = model
+        self.load_seconds = time.perf_counter() - t0
+        log.info("whisper model loaded", extra={"model": self.model_name, "seconds": self.load_seconds})
+
+    def _init_tokens(self) -> None:
+        tok = self.tokenizer
+        ids = tok.convert_tokens_to_ids
+        self.eot = ids("<|endoftext|>")
+        self.sot = ids("<|startoftranscript|>")
+        self.sot_prev = ids("<|startofprev|>")
+        self.no_timestamps = ids("<|notimestamps|>")
+        self.timestamp_begin = self.no_timestamps + 1
+        no_speech = [ids(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
+        self.no_speech = next(t for t in no_speech if t is not None and t != tok.unk_token_id)
+        self.is_multilingual = bool(getattr(self.generation_config, "is_multilingual", False))
+        self.lang_to_id: dict[str, int] = {}
+        if self.is_multilingual:
+            self.lang_to_id = {
+                k.strip("<|>"): v for k, v in self.generation_config.lang_to_id.items()
+            }
+            self.transcribe_id = ids("<|transcribe|>")
+            self.translate_id = ids("<|translate|>")
+        self.suppress = list(getattr(self.generation_config, "suppress_tokens", None) or [])
+        self.begin_suppress = list(
+            getattr(self.generation_config, "begin_suppress_tokens", None) or [self.eot]
+        )
+        heads = getattr(self.generation_config, "alignment_heads", None) or []
+        self.alignment_heads = [tuple(h) for h in heads]
+        self.vocab_size = self.model_vocab_size = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model_spec
+
+    def languages(self) -> list[str]:
+        return sorted(self.lang_to_id) if self.is_multilingual else ["en"]
+
+    # ---------------------------------------------------------------- public API
+    def check_options(self, options: TranscribeOptions) -> None:
+        """Refuse what this model cannot do, before any audio is processed."""
+        if options.language is not None and options.language not in self.languages():
+            raise InvalidOptionError(
+                "language",
+                f"language {options.language!r} is not supported by model {self.model_name}; "
+                f"supported: {', '.join(self.languages()[:20])}"
+                + (" ..." if len(self.languages()) > 20 else ""),
+            )
+        if options.task == "translate" and not self.is_multilingual:
+            raise InvalidOptionError(
+                "task", f"model {self.model_name} is English-only and cannot translate"
+            )
+        if not 0.0 <= options.temperature <= 1.0:
+            raise InvalidOptionError("temperature", "temperature must be between 0 and 1")
+        if not 1 <= options.beam_size <= 10:
+            raise InvalidOptionError("beam_size", "beam_size must be between 1 and 10")
+
+    def split(self, audio: np.ndarray, options: TranscribeOptions) -> list[Window]:
+        """Cut one input at pauses into windows of at most 30 s (silence is left out)."""
+        self.load()
+        self.check_options(options)
+        regions = self.vad.speech_regions(audio)
+        spans = plan_windows(audio, regions, MAX_WINDOW_S)
+        return [
+            Window(audio[s:e], s / SAMPLE_RATE, options, i) for i, (s, e) in enumerate(spans)
+        ]
+
+    def transcribe(
+        self, audios: Sequence[np.ndarray], options: TranscribeOptions | Sequence[TranscribeOptions]
+    ) -> list[Transcript]:
+        """Transcribe several inputs, their windows batched together."""
+        self.load()
+        opts = [options] * len(audios) if isinstance(options, TranscribeOptions) else list(options)
+        per_input = [self.split(a, o) for a, o in zip(audios, opts, strict=True)]
+        flat = [w for ws in per_input for w in ws]
+        results = self.transcribe_windows(flat)
+        out, k = [], 0
+        for audio, windows, o in zip(audios, per_input, opts, strict=True):
+            out.append(self.stitch(audio, windows, results[k : k + len(windows)], o))
+            k += len(windows)
+        return out
+
+    def stitch(
+        self,
+        audio: np.ndarray,
+        windows: Sequence[Window],
+        results: Sequence[WindowResult],
+        options: TranscribeOptions,
+    ) -> Transcript:
+        """One transcript from an input's windows, times moved to the input's clock."""
+        duration = len(audio) / SAMPLE_RATE
+        segments: list[Segment] = []
+        for window, result in zip(windows, results, strict=True):
+            for seg in result.segments:
+                off = window.offset_s
+                words = [
+                    replace(
+                        w,
+                        start=round(min(w.start + off, duration), 3),
+                        end=round(min(w.end + off, duration), 3),
+                    )
+                    for w in seg.words
+                ]
+                segments.append(
+                    replace(
+                        seg,
+                        id=len(segments),
+                        start=round(min(seg.start + off, duration), 3),
+                        end=round(min(seg.end + off, duration), 3),
+                        seek=int(round(off * 100)),
+                        words=words,
+                    )
+                )
+        language = options.language or self._majority_language(windows, results)
+        return Transcript(language=language, duration=duration, segments=segments, task=options.task)
+
+    @staticmethod
+    def _majority_language(windows: Sequence[Window], results: Sequence[WindowResult]) -> str:
+        votes: Counter[str] = Counter()
+        for w, r in zip(windows, results, strict=True):
+            votes[r.language] += w.duration_s
+        return votes.most_common(1)[0][0] if votes else "en"
+
+    def transcribe_windows(self, windows: Sequence[Window]) -> list[WindowResult]:
+        """Decode any windows in as few model calls as their options allow."""
+        self.load()
+        results: list[WindowResult | None] = [None] * len(windows)
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(windows):
+            o = w.options
+            groups.setdefault((o.task, o.language, o.initial_prompt, o.beam_size, o.temperature), []).append(i)
+        with self._lock, torch.inference_mode():
+            for idx in groups.values():
+                for start in range(0, len(idx), self.max_batch_size):
+                    chunk = idx[start : start + self.max_batch_size]
+                    for i, r in zip(chunk, self._transcribe_group([windows[i] for i in chunk]), strict=True):
+                        results[i] = r
+        return results  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- internals
+    def _features(self, windows: Sequence[Window]) -> torch.Tensor:
+        feats = self.feature_extractor(
+            [w.samples for w in windows], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features
+        return feats.to(self.device, dtype=next(self.model.parameters()).dtype if self.device == "cuda" else torch.float32)
+
+    def _encode(self, windows: Sequence[Window]) -> torch.Tensor:
+        return self.model.model.encoder(self._features(windows)).last_hidden_state
+
+    def _prompt_tokens(self, prompt: str | None) -> list[int]:
+        if not prompt:
+            return []
+        ids = self.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False)
+        return [self.sot_prev, *ids[-(MAX_NEW_TOKENS - 1) :]]
+
+    def _detect_languages(self, enc: torch.Tensor) -> list[str]:
+        ids = torch.full((enc.shape[0], 1), self.sot, device=self.device)
+        logits = self._decoder_logits(ids, enc, cache=None)[:, -1]
+        lang_ids = torch.tensor(list(self.lang_to_id.values()), device=self.device)
+        best = logits[:, lang_ids].argmax(-1).tolist()
+        names = list(self.lang_to_id)
+        return [names[b] for b in best]
+
+    def _decoder_logits(self, ids: torch.Tensor, enc: torch.Tensor, cache) -> torch.Tensor:
+        out = self.model.model.decoder(
+            input_ids=ids, encoder_hidden_states=enc, past_key_values=cache, use_cache=cache is not None
+        )
+        return self.model.proj_out(out.last_hidden_state).float()
+
+    def _transcribe_group(self, windows: list[Window]) -> list[WindowResult]:
+        opts = windows[0].options
+        enc = self._encode(windows)
+        if self.is_multilingual:
+            langs = [opts.language] * len(windows) if opts.language else self._detect_languages(enc)
+        else:
+            langs = ["en"] * len(windows)
+        prefixes = [self._sot_sequence(lang, opts.task) for lang in langs]
+        prompt = self._prompt_tokens(opts.initial_prompt)
+        durations = [w.duration_s for w in windows]
+        if opts.beam_size > 1:
+            decoded = self._decode_beam(windows, prefixes, prompt, opts)
+        else:
+            decoded = self._decode_greedy(enc, prefixes, prompt, durations, opts.temperature)
+            decoded = self._fallback(enc, prefixes, prompt, durations, decoded, opts.temperature)
+        results = []
+        for k, dec in enumerate(decoded):
+            segments = self._segments(dec, durations[k])
+            silent = dec.no_speech_prob > NO_SPEECH_LIMIT and dec.avg_logprob < LOGPROB_LIMIT
+            results.append(WindowResult(language=langs[k], segments=[] if silent else segments))
+        if opts.word_timestamps:
+            self._add_word_timestamps(enc, prefixes, results, durations)
+        return results
+
+    def _sot_sequence(self, language: str, task: str) -> list[int]:
+        if not self.is_multilingual:
+            return [self.sot]
+        task_id = self.translate_id if task == "translate" else self.transcribe_id
+        return [self.sot, self.lang_to_id[language], task_id]
+
+    def _fallback(self, enc, prefixes, prompt, durations, decoded, base_temperature):
+        """Re-decode, with sampling, the windows that look like repetition loops or gibberish."""
+        for temperature in FALLBACK_TEMPERATURES:
+            if temperature <= base_temperature:
+                continue
+            bad = [
+                k
+                for k, d in enumerate(decoded)
+                if not self._passes(d) and not d.no_speech_prob > NO_SPEECH_LIMIT
+            ]
+            if not bad:
+                break
+            retry = self._decode_greedy(
+                enc[bad], [prefixes[k] for k in bad], prompt, [durations[k] for k in bad], temperature
+            )
+            for k, d in zip(bad, retry, strict=True):
+                if self._passes(d) or d.avg_logprob > decoded[k].avg_logprob:
+                    decoded[k] = d
+        return decoded
+
+    def _passes(self, d: _Decoded) -> bool:
+        text = self.tokenizer.decode(self._text_tokens(d.tokens))
+        return _compression_ratio(text) <= COMPRESSION_RATIO_LIMIT and d.avg_logprob >= LOGPROB_LIMIT
+
+    def _text_tokens(self, tokens: list[int]) -> list[int]:
+        return [t for t in tokens if t < self.eot]
+
+    def _decode_greedy(
+        self,
+        enc: torch.Tensor,
+        prefixes: list[list[int]],
+        prompt: list[int],
+        durations: list[float],
+        temperature: float,
+    ) -> list[_Decoded]:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        batch = enc.shape[0]
+        dev = self.device
+        init = torch.tensor([prompt + p for p in prefixes], device=dev)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        logits = self._decoder_logits(init, enc, cache)
+        no_speech = torch.softmax(logits[:, len(prompt)], dim=-1)[:, self.no_speech]
+        logits = logits[:, -1]
+
+        vocab = logits.shape[-1]
+        tb = self.timestamp_begin
+        suppress = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        suppress[[t for t in self.suppress if t < vocab]] = True
+        suppress[self.no_timestamps] = True
+        suppress[self.sot] = suppress[self.sot_prev] = suppress[self.no_speech] = True
+        begin_suppress = suppress.clone()
+        begin_suppress[self.begin_suppress] = True
+        begin_suppress[:tb] = True  # the first token is a timestamp ...
+        begin_suppress[tb + 51 :] = True  # ... of at most 1.0 s (max_initial_timestamp)
+        vocab_idx = torch.arange(vocab, device=dev)
+        # a timestamp past the end of the window's audio is never allowed
+        last_ts = torch.tensor(
+            [tb + min(int(round(d / TIME_PRECISION)), 1500) for d in durations], device=dev
+        )
+        too_late = vocab_idx[None, :] > last_ts[:, None]
+
+        tokens = torch.empty((batch, 0), dtype=torch.long, device=dev)
+        logprobs = torch.zeros((batch, 0), device=dev)
+        finished = torch.zeros(batch, dtype=torch.bool, device=dev)
+        # Whisper's rules read the sequence as if it were preceded by a timestamp pair.
+        last_was_ts = torch.ones(batch, dtype=torch.bool, device=dev)
+        penult_was_ts = torch.ones(batch, dtype=torch.bool, device=dev)
+        last_ts_value = torch.full((batch,), tb - 1, dtype=torch.long, device=dev)
+        neg_inf = torch.tensor(float("-inf"), device=dev)
+
+        for step in range(MAX_NEW_TOKENS):
+            mask = (begin_suppress if step == 0 else suppress)[None, :] | too_late
+            if step > 0:
+                is_ts = vocab_idx[None, :] >= tb
+                # after a pair of timestamps (or one at the start) text must follow
+                mask = mask | (last_was_ts & penult_was_ts)[:, None] & is_ts
+                # after a single timestamp another timestamp or eot must follow
+                mask = mask | (last_was_ts & ~penult_was_ts)[:, None] & (vocab_idx[None, :] < self.eot)
+                # timestamps never go backwards; a closing one may be repeated once as the
+                # next opening one, otherwise the next must be later
+                closing = last_was_ts & ~penult_was_ts
+                min_ts = torch.where(closing, last_ts_value, last_ts_value + 1)
+                mask = mask | is_ts & (vocab_idx[None, :] < min_ts[:, None])
+            scores = torch.where(mask, neg_inf, logits)
+            lp = torch.log_softmax(scores, dim=-1)
+            # when timestamps together are likelier than any text token, emit a timestamp
+            ts_lp = torch.logsumexp(lp[:, tb:], dim=-1)
+            text_max = lp[:, :tb].max(dim=-1).values
+            force_ts = (ts_lp > text_max)[:, None] & (vocab_idx[None, :] < tb)
+            scores = torch.where(force_ts, neg_inf, scores)
+            if temperature > 0:
+                probs = torch.softmax(scores / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1).squeeze(1)
+            else:
+                nxt = scores.argmax(dim=-1)
+            nxt = torch.where(finished, torch.full_like(nxt, self.eot), nxt)
+            tok_lp = torch.log_softmax(scores, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            logprobs = torch.cat([logprobs, torch.where(finished, 0.0, tok_lp)[:, None]], dim=1)
+
+            now_ts = nxt >= tb
+            last_ts_value = torch.where(now_ts, nxt, last_ts_value)
+            penult_was_ts = last_was_ts
+            last_was_ts = now_ts
+            finished = finished | (nxt == self.eot)
+            if bool(finished.all()):
+                break
+            logits = self._decoder_logits(nxt[:, None], enc, cache)[:, -1]
+
+        out = []
+        for k in range(batch):
+            row = tokens[k].tolist()
+            n = row.index(self.eot) if self.eot in row else len(row)
+            out.append(
+                _Decoded(
+                    tokens=row[:n],
+                    logprobs=logprobs[k, : n + (1 if n < len(row) else 0)].tolist(),
+                    no_speech_prob=float(no_speech[k]),
+                    temperature=temperature,
+                )
+            )
+        return out
+
+    def _decode_beam(self, windows, prefixes, prompt, opts) -> list[_Decoded]:
+        """Beam search through transformers' generate (optional, slower path)."""
+        feats = self._features(windows)
+        out = []
+        for k in range(len(windows)):
+            lang = None
+            if self.is_multilingual:
+                lang = next(n for n, i in self.lang_to_id.items() if i == prefixes[k][1])
+            kwargs = dict(
+                num_beams=opts.beam_size,
+                return_timestamps=True,
+                max_new_tokens=MAX_NEW_TOKENS,
+            )
+            if lang:
+                kwargs.update(language=lang, task=opts.task)
+            if prompt:
+                kwargs["prompt_ids"] = torch.tensor(prompt[1:], device=self.device)
+            ids = self.model.generate(feats[k : k + 1], **kwargs)
+            seq = ids[0].tolist() if not hasattr(ids, "sequences") else ids.sequences[0].tolist()
+            start = next((j for j, t in enumerate(seq) if t >= self.timestamp_begin), len(seq))
+            toks = [t for t in seq[start:] if t != self.eot]
+            out.append(_Decoded(tokens=toks, logprobs=[], no_speech_prob=0.0, temperature=0.0))
+        return out
+
+    def _segments(self, dec: _Decoded, duration: float) -> list[Segment]:
+        """Split a window's tokens at timestamp tokens into segments (times relative)."""
+        tb = self.timestamp_begin
+        segments: list[Segment] = []
+        text_tokens: list[int] = []
+        start: float | None = None
+        cr = _compression_ratio(self.tokenizer.decode(self._text_tokens(dec.tokens)))
+
+        def close(end: float) -> None:
+            nonlocal text_tokens, start
+            text = self.tokenizer.decode(text_tokens)
+            if text.strip():
+                s = 0.0 if start is None else start
+                segments.append(
+                    Segment(
+                        id=0,
+                        start=s,
+                        end=max(end, s),
+                        text=text,
+                        tokens=list(text_tokens),
+                        avg_logprob=dec.avg_logprob,
+                        compression_ratio=cr,
+                        no_speech_prob=dec.no_speech_prob,
+                        temperature=dec.temperature,
+                    )
+                )
+            text_tokens, start = [], None
+
+        for t in dec.tokens:
+            if t >= tb:
+                ts = (t - tb) * TIME_PRECISION
+                if text_tokens:
+                    close(ts)
+                start = ts
+            elif t < self.eot:
+                text_tokens.append(t)
+        if text_tokens:
+            close(duration)
+        return segments
+
+    # ----------------------------------------------------------- word timestamps
+    def _add_word_timestamps(
+        self,
+        enc: torch.Tensor,
+        prefixes: list[list[int]],
+        results: list[WindowResult],
+        durations: list[float],
+    ) -> None:
+        rows = [k for k, r in enumerate(results) if r.segments]
+        if not rows or not self.alignment_heads:
+            return
+        seqs = []
+        for k in rows:
+            text = [t for s in results[k].segments for t in s.tokens]
+            seqs.append(prefixes[k] + [self.no_timestamps] + text + [self.eot])
+        attn = self._alignment_attention(enc[rows], seqs)
+        for j, k in enumerate(rows):
+            n_seq = len(seqs[j])
+            n_text = n_seq - len(prefixes[k]) - 2
+            n_frames = min(1500, int(round(durations[k] / TIME_PRECISION)) + 1)
+            timings = token_timings(attn[j, :, :n_seq], n_text, max(n_frames, 2))
+            self._assign_words(results[k].segments, timings)
+
+    def _alignment_attention(self, enc: torch.Tensor, seqs: list[list[int]]) -> np.ndarray:
+        """Cross-attention of the alignment heads, (batch, heads, tokens, frames), teacher forced."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.eot, dtype=torch.long, device=self.device)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+        layers = sorted({layer for layer, _ in self.alignment_heads})
+        captured: dict[int, torch.Tensor] = {}
+        hooks = []
+        decoder = self.model.model.decoder
+        for layer in layers:
+            attn_mod = decoder.layers[layer].encoder_attn
+
+            def hook(mod, args, kwargs, output, layer=layer):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                kv = kwargs.get("key_value_states")
+                q = mod.q_proj(hidden) * mod.scaling
+                kk = mod.k_proj(kv)
+                b, t, _ = q.shape
+                q = q.view(b, t, mod.num_heads, mod.head_dim).transpose(1, 2)
+                kk = kk.view(b, -1, mod.num_heads, mod.head_dim).transpose(1, 2)
+                captured[layer] = torch.softmax((q @ kk.transpose(-1, -2)).float(), dim=-1)
+
+            hooks.append(attn_mod.register_forward_hook(hook, with_kwargs=True))
+        try:
+            decoder(input_ids=ids, encoder_hidden_states=enc, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        stacked = torch.stack([captured[layer][:, head] for layer, head in self.alignment_heads], dim=1)
+        return stacked.cpu().numpy()
+
+    def _assign_words(self, segments: list[Segment], timings) -> None:
+        """Group each segment's tokens into words and give each its aligned start/end."""
+        k = 0
+        for seg in segments:
+            words: list[Word] = []
+            for word_text, n_tok in self._split_words(seg.tokens):
+                t0, t1 = timings[k], timings[k + n_tok - 1]
+                words.append(Word(start=t0.start, end=max(t1.end, t0.start), word=word_text))
+                k += n_tok
+            if words:
+                # segment bounds follow the words they contain, within what the segment claimed
+                words[0].start = max(words[0].start, min(seg.start, words[0].end))
+                seg.words = words
+                seg.start = min(seg.start, words[0].start) if seg.start > words[0].end else words[0].start
+                seg.end = max(words[-1].end, seg.start)
+
+    def _split_words(self, tokens: list[int]) -> list[tuple[str, int]]:
+        """Words as (text, token count); a word starts at a token with a leading space."""
+        words: list[tuple[str, int]] = []
+        pending: list[int] = []
+        for t in tokens:
+            piece = self.tokenizer.decode([t])
+            starts_word = piece.startswith(" ") and "\ufffd" not in self.tokenizer.decode(pending or [t])
+            is_punct = piece.strip() != "" and all(not c.isalnum() for c in piece.strip())
+            if pending and starts_word and not is_punct:
+                words.append((self.tokenizer.decode(pending), len(pending)))
+                pending = []
+            pending.append(t)
+        if pending:
+            words.append((self.tokenizer.decode(pending), len(pending)))
+        return words
+
+
+__all__ = ["WhisperEngine", "Window", "WindowResult", "LANGUAGES", "resolve_device"]

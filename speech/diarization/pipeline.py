@@ -1,0 +1,151 @@
+"""pyannote's `SpeakerDiarization`, assembled from local checkpoints and made cheaper on CPU.
+
+pyannote's `apply()` is kept as is (segmentation -> speaker count -> embeddings -> clustering ->
+reconstruction). What changes:
+- no PLDA / hub download: the constructor wires a local segmentation model, CAM++ and our
+  clustering instead of resolving hub names;
+- embeddings: pyannote runs the embedding model once per (chunk, local speaker) with the same
+  waveform and a different mask; CAM++'s masks only enter at pooling, so we run the backbone
+  once per chunk (batched) and pool once per active speaker: a third of the work, same numbers;
+- a small cache of (segmentation, embeddings) per audio, so asking again with other speaker
+  hints only re-runs clustering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pyannote.audio import Audio, Inference, Model
+from pyannote.audio import Pipeline as AudioPipeline
+from pyannote.audio.pipelines import SpeakerDiarization
+from pyannote.core import SlidingWindowFeature
+from pyannote.pipeline.parameter import ParamDict, Uniform
+
+from speech.diarization.clustering import ClusteringParams, SpeakerClustering
+from speech.diarization.embedding import CamPlusPlus
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """Knobs of the offline pipeline (tuned figures in docs/diarization.md)."""
+
+    segmentation_step: float = 0.2
+    """Hop between 10 s segmentation windows, as a share of the window (pyannote's default 0.1)."""
+    embedding_exclude_overlap: bool = True
+    """Pool each speaker's embedding over frames where they speak alone, when there are enough."""
+    min_duration_off: float = 0.0
+    """Gaps shorter than this inside one speaker's speech are filled."""
+    embedding_batch_size: int = 16
+    segmentation_batch_size: int = 32
+    cache_size: int = 4
+    """How many recent audios keep their segmentation and embeddings."""
+    clustering: ClusteringParams = ClusteringParams()
+
+
+def audio_key(waveform: torch.Tensor) -> str:
+    """Content hash of a waveform: the cache key for its segmentation and embeddings."""
+    return hashlib.blake2b(waveform.numpy().tobytes(), digest_size=16).hexdigest()
+
+
+class OfflineSpeakerDiarization(SpeakerDiarization):
+    """segmentation-3.0 + CAM++ + `SpeakerClustering`, all from local files."""
+
+    def __init__(self, segmentation: Model, embedding: CamPlusPlus, params: PipelineParams) -> None:
+        # SpeakerDiarization.__init__ resolves hub names and a PLDA we do not have: set up the
+        # same attributes that its `apply()` reads, from local objects.
+        AudioPipeline.__init__(self)
+        self.legacy = False
+        self.params = params
+        self.segmentation_model = segmentation
+        self.segmentation_step = params.segmentation_step
+        self.embedding = embedding
+        self.embedding_batch_size = params.embedding_batch_size
+        self.embedding_exclude_overlap = params.embedding_exclude_overlap
+        self.klustering = "SpeakerClustering"
+        self.der_variant = {"collar": 0.0, "skip_overlap": False}
+        duration = segmentation.specifications.duration
+        self._segmentation = Inference(
+            segmentation,
+            duration=duration,
+            step=params.segmentation_step * duration,
+            skip_aggregation=True,
+            batch_size=params.segmentation_batch_size,
+        )
+        self.segmentation = ParamDict(min_duration_off=Uniform(0.0, 1.0))
+        self._embedding_model = embedding.eval()
+        self._audio = Audio(sample_rate=16_000, mono="downmix")
+        self.clustering = SpeakerClustering(params.clustering)
+        self._expects_num_speakers = False
+        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.instantiate({"segmentation": {"min_duration_off": params.min_duration_off}})
+
+    def to(self, device: torch.device) -> OfflineSpeakerDiarization:
+        self._segmentation.to(device)
+        self._embedding_model.to(device)
+        self.device = device
+        return self
+
+    def _cached(self, file: dict[str, Any]) -> dict[str, Any]:
+        key = file.setdefault("audio_key", audio_key(file["waveform"]))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            self._cache[key] = {}
+            while len(self._cache) > self.params.cache_size:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def get_segmentations(self, file, hook=None) -> SlidingWindowFeature:  # type: ignore[override]
+        cache = self._cached(file)
+        if "segmentations" not in cache:
+            cache["segmentations"] = super().get_segmentations(file, hook=hook)
+        return cache["segmentations"]
+
+    def get_embeddings(  # type: ignore[override]
+        self, file, binary_segmentations: SlidingWindowFeature, exclude_overlap: bool = False, hook=None
+    ) -> np.ndarray:
+        """(num_chunks, local_speakers, 192) embeddings; NaN where a local speaker is silent."""
+        cache = self._cached(file)
+        if "embeddings" not in cache:
+            cache["embeddings"] = self._compute_embeddings(file, binary_segmentations, exclude_overlap)
+        return cache["embeddings"]
+
+    def _compute_embeddings(
+        self, file: dict[str, Any], segmentations: SlidingWindowFeature, exclude_overlap: bool
+    ) -> np.ndarray:
+        masks = np.nan_to_num(segmentations.data, nan=0.0).astype(np.float32)
+        # masks: (num_chunks, num_frames, local_speakers)
+        num_chunks, num_frames, num_speakers = masks.shape
+        if exclude_overlap:
+            alone = masks * (masks.sum(axis=2, keepdims=True) < 2)
+            enough = alone.sum(axis=1, keepdims=True) > 0.05 * num_frames
+            masks = np.where(enough, alone, masks)
+        active = masks.sum(axis=1) > 0
+        # active: (num_chunks, local_speakers)
+        embeddings = np.full((num_chunks, num_speakers, self._embedding_model.dimension), np.nan, np.float32)
+        waveform = file["waveform"][0]
+        sr = file["sample_rate"]
+        window = segmentations.sliding_window
+        num_samples = int(round(window.duration * sr))
+        todo = np.flatnonzero(active.any(axis=1))
+        device = next(self._embedding_model.parameters()).device
+        for start in range(0, len(todo), self.params.embedding_batch_size):
+            chunks = todo[start : start + self.params.embedding_batch_size]
+            batch = torch.zeros(len(chunks), 1, num_samples)
+            for i, c in enumerate(chunks):
+                offset = int(round(window[c].start * sr))
+                piece = waveform[offset : offset + num_samples]
+                batch[i, 0, : piece.shape[0]] = piece
+            with torch.inference_mode():
+                features = self._embedding_model.frame_features(batch.to(device))
+                # features: (batch, 512, frames)
+                rows, speakers = np.nonzero(active[chunks])
+                weights = torch.from_numpy(masks[chunks[rows], :, speakers]).to(device)
+                pooled = self._embedding_model.pool(features[torch.from_numpy(rows).to(device)], weights)
+            embeddings[chunks[rows], speakers] = pooled.cpu().numpy()
+        return embeddings

@@ -1,0 +1,54 @@
+"""Errors the engine raises for bad input, each with a stable machine-readable code.
+
+The service maps `code` to an HTTP status in one place; the CLI prints `str(error)`.
+"""
+
+from __future__ import annotations
+
+
+class SpeechError(Exception):
+    """Base of every expected failure of the engine (bad input, bad option, missing model)."""
+
+    code = "speech_error"
+
+
+class AudioError(SpeechError, ValueError):
+    """The input cannot be turned into audio samples."""
+
+    code = "invalid_audio"
+
+
+class EmptyAudioError(AudioError):
+    code = "empty_audio"
+
+
+class NotAudioError(AudioError):
+    code = "not_audio"
+
+
+class NoAudioStreamError(AudioError):
+    code = "no_audio_stream"
+
+
+class CorruptAudioError(AudioError):
+    """Truncated or damaged: the container opened but its audio could not be decoded."""
+
+    code = "corrupt_audio"
+
+
+class AudioTooLongError(AudioError):
+    code = "audio_too_long"
+
+
+class InvalidOptionError(SpeechError, ValueError):
+    """An option value the engine cannot honour (unknown language, bad speaker hint, ...)."""
+
+    code = "invalid_option"
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFoundError(SpeechError):
+    code = "model_not_found"

@@ -1,0 +1,45 @@
+"""Fixtures shared across the test packages: real speech data and the converted offline models.
+
+The packaged Whisper models are converted once into the real model cache
+(Settings.MODEL_CACHE_DIR), so every test session after the first only loads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPEECH_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "speech"
+"""Real recordings with references (shared/ lies beside the repository, in CI too)."""
+
+
+@pytest.fixture(scope="session")
+def speech_data_dir() -> Path:
+    if not SPEECH_DATA_DIR.is_dir():
+        pytest.fail(f"real speech data not found at {SPEECH_DATA_DIR}")
+    return SPEECH_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    from config.settings import get_settings
+
+    return get_settings().MODEL_CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_en_model_dir(model_cache_dir: Path) -> Path:
+    """transformers directory of the packaged tiny.en (English-only), converted once."""
+    from speech.model_store import resolve_whisper_model
+
+    return Path(resolve_whisper_model("tiny.en", model_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(model_cache_dir: Path) -> Path:
+    """transformers directory of the packaged base (multilingual), converted once."""
+    from speech.model_store import resolve_whisper_model
+
+    return Path(resolve_whisper_model("base", model_cache_dir))
