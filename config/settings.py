@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     """Claims per job before it is failed with the last reason."""
     JOB_POLL_S: float = Field(default=1.0, gt=0)
     """Idle runner wait between looks at the queue."""
+    JOB_RUNNER_CONCURRENCY: int = Field(default=2, ge=0)
+    """Jobs one ingress replica's runner works on at once (0: this replica runs no runner)."""
     JOB_RETENTION_DAYS: float = Field(default=30.0, gt=0)
     """Finished jobs, their results and audio are deleted this long after they finish."""
     WEBHOOK_SECRET: str | None = None

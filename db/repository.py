@@ -457,6 +457,21 @@ def release_job(
     return job.status
 
 
+def claim_stale_webhooks(*, session: Session, stale_after_s: float, limit: int = 20) -> list[str]:
+    """Jobs whose webhook is still pending long after they finished (their runner died): take them
+    over for one more delivery round, marking them so other runners leave them alone meanwhile. Commits."""
+    now = utcnow()
+    ids = list(session.scalars(
+        select(Job.id).where(Job.webhook_status == "pending", Job.updated_at < now - timedelta(seconds=stale_after_s))
+        .limit(limit).with_for_update(skip_locked=True)
+    ))
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(updated_at=now)
+                        .execution_options(synchronize_session=False))
+    session.commit()
+    return ids
+
+
 def set_webhook_result(*, session: Session, job_id: str, delivered: bool, attempts: int) -> None:
     session.execute(
         update(Job).where(Job.id == job_id)

@@ -1,7 +1,8 @@
 """`python -m serve`: the service on a bare machine (local Ray, CPU profile, packaged model).
 
-Starts a private local Ray cluster (never joins one found on the machine), runs the graph of
-`serve_config.yaml` with its deployment options, prints where it listens, and on Ctrl-C or
+Migrates the database (embedded SQLite by default) and on first start prints a local API key
+once; starts a private local Ray cluster (never joins one found on the machine), runs the graph
+of `serve_config.yaml` with its deployment options, prints where it listens, and on Ctrl-C or
 SIGTERM shuts down Serve and Ray.
 """
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     env_vars = dict((app_config.get("runtime_env") or {}).get("env_vars") or {})
+    # Replicas must find the same storage and embedded database as this process.
+    env_vars.setdefault("STORAGE_BASE_PATH", str(Path(settings.STORAGE_BASE_PATH).resolve()))
+    key = _prepare_database()
+    if key:
+        print(f"created the local admin API key (shown once, keep it): {key}", flush=True)
     ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": env_vars})
     try:
         serve.start(http_options={"host": host, "port": port,
@@ -74,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ray.shutdown()
     return 0
+
+
+def _prepare_database() -> str | None:
+    """Migrate; on the embedded default, the local key on first start (None afterwards)."""
+    try:
+        from serve.jobs_api import prepare_database
+    except ModuleNotFoundError as exc:
+        if exc.name != "serve.jobs_api":
+            raise
+        return None
+    return prepare_database()
 
 
 if __name__ == "__main__":

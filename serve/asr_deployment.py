@@ -23,7 +23,9 @@ import numpy as np
 from ray import serve
 
 from config.settings import get_settings
+from serve.errors import from_speech_error
 from serve.metrics import ReplicaMetrics
+from speech.errors import SpeechError
 from speech.types import SAMPLE_RATE, TranscribeOptions, Transcript
 
 log = logging.getLogger("serve.asr")
@@ -65,6 +67,7 @@ class ASRDeployment:
                                      settings.MODEL_CACHE_DIR)
         t0 = time.perf_counter()
         self._engine.load()
+        self._warm_up()
         load_s = time.perf_counter() - t0
         self._metrics.model_load_seconds.set(load_s, tags={"model": self._engine.model_name})
         log.info("asr replica ready", extra={"model": self._engine.model_name,
@@ -73,6 +76,15 @@ class ASRDeployment:
         self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
                           "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
+
+    def _warm_up(self) -> None:
+        """Pay first-call costs (VAD session, kernels, caches) before taking traffic, so the
+        first requests are not serialised behind them and batch like the rest."""
+        from speech.asr import Window
+
+        second = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        self._engine.vad.speech_regions(second)
+        self._engine.transcribe_windows([Window(second, 0.0, TranscribeOptions())])
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply `user_config`: `max_batch_size` and `batch_wait_timeout_s`."""
@@ -87,7 +99,10 @@ class ASRDeployment:
     async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
         """Split, batch every window with whatever else is in flight, stitch."""
         engine = self._engine
-        windows = await asyncio.to_thread(engine.split, audio, options)
+        try:
+            windows = await asyncio.to_thread(engine.split, audio, options)
+        except SpeechError as exc:  # bad options: raised as an ApiError, which pickles intact
+            raise from_speech_error(exc) from None
         request_id = uuid.uuid4().hex
         self._set_queued(len(windows))
         results = await asyncio.gather(*(self._batched_windows(_Item(request_id, w))

@@ -21,7 +21,8 @@ import numpy as np
 from ray import serve
 
 from config.settings import get_settings
-from serve.errors import DiarizationUnavailableError
+from serve.errors import DiarizationUnavailableError, from_speech_error
+from speech.errors import SpeechError
 from serve.metrics import ReplicaMetrics
 from speech.types import SAMPLE_RATE, SpeakerTurn
 
@@ -55,7 +56,10 @@ class DiarizationDeployment:
             log.warning("diarization unavailable", extra={"reason": self._reason})
             return
         t0 = time.perf_counter()
-        engine = DiarizationEngine(model, device=device or settings.AI_DEVICE)
+        from speech.asr import resolve_device
+
+        engine = DiarizationEngine(model, device=resolve_device(device or settings.AI_DEVICE),
+                                   hf_token=settings.HF_TOKEN)
         engine.load()
         load_s = time.perf_counter() - t0
         self._metrics.model_load_seconds.set(load_s, tags={"model": f"diarization:{model}"})
@@ -67,10 +71,16 @@ class DiarizationDeployment:
                       max_speakers: int | None = None) -> list[SpeakerTurn]:
         """Speaker turns of one recording (seconds on the recording's clock)."""
         if self._engine is None:
-            raise DiarizationUnavailableError(self._reason or "diarization is not available")
+            raise from_speech_error(
+                DiarizationUnavailableError(self._reason or "diarization is not available"))
         async with self._lock:
-            turns = await asyncio.to_thread(self._engine.diarize, audio, num_speakers=num_speakers,
-                                            min_speakers=min_speakers, max_speakers=max_speakers)
+            try:
+                turns = await asyncio.to_thread(self._engine.diarize, audio,
+                                                num_speakers=num_speakers,
+                                                min_speakers=min_speakers,
+                                                max_speakers=max_speakers)
+            except SpeechError as exc:  # raised as an ApiError, which pickles intact
+                raise from_speech_error(exc) from None
         self._metrics.diarization_audio_seconds.inc(len(audio) / SAMPLE_RATE)
         return list(turns)
 

@@ -48,6 +48,16 @@ class ApiError(HTTPException):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Survive pickling (a replica raising to the ingress) with every field intact."""
+        return (_rebuild_api_error, (self.status_code, self.message, self.type, self.param,
+                                     self.code, self.headers))
+
+
+def _rebuild_api_error(status_code: int, message: str, type: str, param: str | None,
+                       code: str | None, headers: dict[str, str] | None) -> ApiError:
+    return ApiError(status_code, message, type=type, param=param, code=code, headers=headers)
+
 
 class UploadTooLargeError(ApiError):
     """413: the upload passed `AUDIO_MAX_FILE_SIZE`; raised while streaming, not after."""

@@ -11,12 +11,15 @@ object store once, and that one object goes to ASR and diarization concurrently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request, UploadFile
@@ -28,13 +31,14 @@ from config.settings import get_settings
 from serve import metrics, openai_api
 from serve.errors import (
     ApiError,
+    DiarizationUnavailableError,
     OverloadedError,
     UploadTooLargeError,
     install_error_handlers,
     unwrap,
 )
 from serve.openai_api import TranscriptionParams, check_model, get_services
-from serve.storage import StoredAudio, delete_audio, save_upload
+from serve.storage import StoredAudio, delete_audio, release_upload, save_upload
 from speech.errors import SpeechError
 from speech.types import TranscribeOptions, Transcript
 
@@ -45,8 +49,25 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 def v1_dependencies() -> list[Any]:
-    """Dependencies of every /v1 route (auth, rate limits): the one place to change them."""
-    return []
+    """Dependencies of every /v1 route: the one place to change them.
+
+    Rate limit first (floods of bad keys are limited too), then the API key (401 without one).
+    """
+    from serve.auth import current_user
+    from serve.ratelimit import rate_limit
+
+    return [rate_limit, current_user]
+
+
+def _jobs_api() -> Any | None:
+    """serve.jobs_api (issue 3) when this build has it."""
+    try:
+        from serve import jobs_api
+    except ModuleNotFoundError as exc:
+        if exc.name != "serve.jobs_api":
+            raise
+        return None
+    return jobs_api
 
 
 # --------------------------------------------------------------------------- configuration
@@ -100,15 +121,13 @@ async def run_transcription(asr: Any, diarizer: Any | None, audio: np.ndarray | 
     """
     import ray
 
+    if diarize and diarizer is None:
+        raise DiarizationUnavailableError("this deployment was built without diarization")
     ref = audio if isinstance(audio, ray.ObjectRef) else ray.put(audio)
     asr_call = call_handle(lambda: asr.transcribe.remote(ref, options),
                            retry_after_s=retry_after_s)
     if not diarize:
         return await asr_call
-    if diarizer is None:
-        from serve.errors import DiarizationUnavailableError
-
-        raise DiarizationUnavailableError("this deployment was built without diarization")
     diar_call = call_handle(lambda: diarizer.diarize.remote(ref, num_speakers, min_speakers,
                                                             max_speakers),
                             retry_after_s=retry_after_s, what="diarization")
@@ -118,14 +137,22 @@ async def run_transcription(asr: Any, diarizer: Any | None, audio: np.ndarray | 
     return assign_speakers(transcript, turns)
 
 
-def record_sync_result(*, request: Request, stored: StoredAudio, params: TranscriptionParams,
-                       transcript: Transcript) -> bool:
-    """Seam for the jobs issue: record a finished synchronous request as a job.
+async def record_sync_result(*, request: Request, stored: StoredAudio, upload: UploadFile,
+                             params: TranscriptionParams, transcript: Transcript) -> bool:
+    """The seam to the jobs issue: record a finished synchronous request as a succeeded job.
 
-    Returns True when the stored audio is now referenced (kept), False to have it deleted.
-    Until jobs record sync work, nothing references it, so it is not kept.
+    Returns True when the stored audio is now referenced by that job (kept), False to have it
+    deleted (no jobs API in this build, or no authenticated user).
     """
-    return False
+    jobs_api = _jobs_api()
+    if jobs_api is None:
+        return False
+    options = {**dataclasses.asdict(params.options()), "diarize": params.diarize,
+               "num_speakers": params.num_speakers, "min_speakers": params.min_speakers,
+               "max_speakers": params.max_speakers, "response_format": params.response_format}
+    return await asyncio.to_thread(jobs_api.record_sync_request, request=request, stored=stored,
+                                   options=options, transcript=transcript,
+                                   filename=upload.filename)
 
 
 # --------------------------------------------------------------------------- services
@@ -165,12 +192,11 @@ class Services:
                 self.asr, self.diarizer, audio, params.options(), diarize=params.diarize,
                 num_speakers=params.num_speakers, min_speakers=params.min_speakers,
                 max_speakers=params.max_speakers, retry_after_s=self.config.retry_after_s)
-            keep = record_sync_result(request=request, stored=stored, params=params,
-                                      transcript=transcript)
+            keep = await record_sync_result(request=request, stored=stored, upload=upload,
+                                            params=params, transcript=transcript)
             return transcript
         finally:
-            if not keep and stored.created:
-                delete_audio(stored.sha256, base_path=self.config.storage_base_path)
+            release_upload(stored, keep=keep, base_path=self.config.storage_base_path)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Models loaded and storage writable; each check's outcome by name."""
@@ -195,6 +221,13 @@ class Services:
             checks["storage"] = {"ok": True}
         except OSError as exc:
             checks["storage"] = {"ok": False, "error": str(exc)}
+        jobs_api = _jobs_api()
+        if jobs_api is not None:
+            try:
+                state = await asyncio.wait_for(asyncio.to_thread(jobs_api.readiness), timeout=5)
+                checks["jobs"] = {"ok": state["database"] == "ok", **state}
+            except Exception as exc:  # noqa: BLE001
+                checks["jobs"] = {"ok": False, "error": type(exc).__name__}
         return all(c["ok"] for c in checks.values()), checks
 
 
@@ -279,13 +312,25 @@ class HttpMetricsMiddleware:
 # --------------------------------------------------------------------------- the app
 def create_app(services: Services) -> FastAPI:
     """The whole HTTP surface around `services`."""
-    app = FastAPI(title="Speech transcription service", version="1.0",
+    jobs_api = _jobs_api()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        runner = await _start_jobs(services) if jobs_api is not None else None
+        try:
+            yield
+        finally:
+            if runner is not None:
+                await runner.stop()
+
+    app = FastAPI(title="Speech transcription service", version="1.0", lifespan=lifespan,
                   description="OpenAI-compatible speech-to-text with diarization, on Ray Serve.")
     app.state.services = services
     install_error_handlers(app)
-    deps = [Depends(d) if callable(d) else d for d in v1_dependencies()]
+    deps = [Depends(d) for d in v1_dependencies()] if jobs_api is not None else []
     app.include_router(openai_api.router, dependencies=deps)
-    _include_jobs_router(app, deps)
+    if jobs_api is not None:
+        app.include_router(jobs_api.router)
 
     @app.get("/health", tags=["ops"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
@@ -309,15 +354,21 @@ def create_app(services: Services) -> FastAPI:
     return app
 
 
-def _include_jobs_router(app: FastAPI, deps: list[Any]) -> None:
-    """The jobs API (issue 3) when this build has it."""
-    try:
-        from serve import jobs_api
-    except ModuleNotFoundError as exc:
-        if exc.name != "serve.jobs_api":
-            raise
-        return
-    app.include_router(jobs_api.router)
+async def _start_jobs(services: Services) -> Any | None:
+    """Migrate the database (idempotent, serialised on PostgreSQL) and start this replica's
+    job runner on the same ASR/diarization handles; None when JOB_RUNNER_CONCURRENCY is 0."""
+    from db.migrate import upgrade_head
+    from serve.job_runner import JobRunner, handles_transcriber
+
+    await asyncio.to_thread(upgrade_head)
+    concurrency = get_settings().JOB_RUNNER_CONCURRENCY
+    if services.asr is None or concurrency <= 0:
+        return None
+    runner = JobRunner(handles_transcriber(services.asr, services.diarizer),
+                       concurrency=concurrency,
+                       delete_audio=lambda sha: delete_audio(sha, base_path=services.config.storage_base_path))
+    runner.start()
+    return runner
 
 
 @serve.deployment(

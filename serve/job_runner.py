@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy.orm import Session
 
 from config.settings import get_settings
 from db import repository as repo
@@ -77,6 +76,10 @@ def report_progress(fraction: float) -> None:
     callback = _progress.get()
     if callback is not None:
         callback(min(max(fraction, 0.0), 1.0))
+
+
+WEBHOOK_STALE_S = 300.0
+"""A webhook still pending this long after its job's last update lost its sender: resend it."""
 
 
 def default_owner() -> str:
@@ -166,6 +169,9 @@ class JobRunner:
                 orphans = await self._db(repo.purge_finished, older_than=utcnow() - self.retention)
                 for sha in orphans:
                     self._remove_audio(sha)
+                for job_id in await self._db(repo.claim_stale_webhooks, stale_after_s=WEBHOOK_STALE_S):
+                    self._spawn(self._send_webhook(job_id))
+                _publish_gauges(await self._db(repo.queue_stats))
             except Exception:  # noqa: BLE001
                 log.exception("housekeeping error")
             try:
@@ -229,6 +235,9 @@ class JobRunner:
         except SpeechError as exc:  # bad input: retrying cannot help
             status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
                                     error=f"{exc.code}: {exc}", retry=False)
+        except FileNotFoundError:  # audio deleted (job deleted, retention): nothing to retry
+            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
+                                    error="audio_missing: the job's audio is no longer stored", retry=False)
         except Exception as exc:  # noqa: BLE001 - anything else may be transient: retry
             log.warning("job attempt failed", extra={"job_id": job.id, "error": type(exc).__name__})
             status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
@@ -257,6 +266,17 @@ class JobRunner:
         await self._db(repo.set_webhook_result, job_id=job_id, delivered=delivered, attempts=attempts)
         log.info("webhook delivered" if delivered else "webhook gave up",
                  extra={"job_id": job_id, "attempts": attempts})
+
+
+def _publish_gauges(stats: dict[str, Any]) -> None:
+    """Jobs by status and queue age on this process's Prometheus registry (the ingress's /metrics)."""
+    from db.models import JOB_STATUSES
+    from serve import metrics
+
+    for status in JOB_STATUSES:
+        metrics.JOBS.labels(status=status).set(stats["by_status"].get(status, 0))
+    metrics.JOB_QUEUE_DEPTH.set(stats["queue_depth"])
+    metrics.JOB_OLDEST_QUEUED_AGE.set(stats["oldest_queued_age_s"])
 
 
 # ---------------------------------------------------------------- transcribe callables

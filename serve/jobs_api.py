@@ -29,6 +29,7 @@ from serve.errors import ApiError
 from serve.job_runner import JobOptions
 from serve.ratelimit import rate_limit
 from serve.storage import StoredAudio, delete_audio, save_upload
+from speech.errors import InvalidOptionError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(rate_limit)])
 
@@ -63,9 +64,31 @@ def _owned(session: Session, job_id: str, user_id: int) -> Job:
     return job
 
 
-def _parse_options(**fields: Any) -> JobOptions:
+def _parse_options(*, task: str | None, model: str | None, language: str | None, prompt: str | None,
+                   temperature: str | None, timestamp_granularities: list[str] | None, diarize: str | None,
+                   num_speakers: str | None, min_speakers: str | None, max_speakers: str | None) -> JobOptions:
+    """The transcription endpoint's own validation (same rules, same messages), then JobOptions."""
+    from serve.openai_api import parse_params
+    from speech.languages import LANGUAGE_NAMES
+
+    if task not in (None, "", "transcribe", "translate"):
+        raise InvalidOptionError("task", "task must be transcribe or translate.")
+    params = parse_params(
+        task=task or "transcribe",  # type: ignore[arg-type]
+        model=model or "whisper-1", language=language, prompt=prompt,
+        # the output format is chosen when the transcript is fetched; granularities need verbose_json
+        response_format="verbose_json" if timestamp_granularities else "json",
+        temperature=temperature, timestamp_granularities=timestamp_granularities, diarize=diarize,
+        num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
+    )
+    if params.language is not None and params.language not in LANGUAGE_NAMES:
+        raise InvalidOptionError("language", f"Unknown language {params.language!r}.")
     try:
-        return JobOptions.model_validate({k: v for k, v in fields.items() if v is not None})
+        return JobOptions(model=model, language=params.language, prompt=params.prompt, task=params.task,
+                          temperature=params.temperature,
+                          word_timestamps="word" in params.timestamp_granularities, diarize=params.diarize,
+                          num_speakers=params.num_speakers, min_speakers=params.min_speakers,
+                          max_speakers=params.max_speakers)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = str(first["loc"][0]) if first.get("loc") else None
@@ -93,21 +116,21 @@ async def create_job(
     model: Annotated[str | None, Form()] = None,
     language: Annotated[str | None, Form()] = None,
     prompt: Annotated[str | None, Form()] = None,
-    temperature: Annotated[float | None, Form()] = None,
-    task: Annotated[Literal["transcribe", "translate"] | None, Form()] = None,
+    temperature: Annotated[str | None, Form()] = None,
+    task: Annotated[str | None, Form()] = None,
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
-    diarize: Annotated[bool | None, Form()] = None,
-    num_speakers: Annotated[int | None, Form()] = None,
-    min_speakers: Annotated[int | None, Form()] = None,
-    max_speakers: Annotated[int | None, Form()] = None,
+    diarize: Annotated[str | None, Form()] = None,
+    num_speakers: Annotated[str | None, Form()] = None,
+    min_speakers: Annotated[str | None, Form()] = None,
+    max_speakers: Annotated[str | None, Form()] = None,
     callback_url: Annotated[str | None, Form()] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JSONResponse:
     """202 with the queued job; 200 with the earlier job when this Idempotency-Key was used before."""
     settings = get_settings()
-    options = _parse_options(
-        model=model, language=language, prompt=prompt, temperature=temperature, task=task, diarize=diarize,
-        word_timestamps="word" in (timestamp_granularities or []), num_speakers=num_speakers,
+    options = await run_in_threadpool(
+        _parse_options, task=task, model=model, language=language, prompt=prompt, temperature=temperature,
+        timestamp_granularities=timestamp_granularities, diarize=diarize, num_speakers=num_speakers,
         min_speakers=min_speakers, max_speakers=max_speakers,
     )
     if callback_url:

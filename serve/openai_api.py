@@ -25,7 +25,8 @@ RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt
 GRANULARITIES = ("word", "segment")
 MODEL_ALIASES = ("whisper-1",)
 """Names OpenAI clients send by default; they mean "the loaded Whisper model"."""
-MAX_SPEAKERS = 20
+MAX_SPEAKERS = 32
+"""The engine's bound on speaker hints (speech.diarization.engine.MAX_SPEAKERS)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,10 @@ async def create_translation(
                           response_format=response_format, temperature=temperature)
     if params.response_format == "diarized_json":
         raise InvalidOptionError("response_format", "diarized_json is for transcriptions only.")
+    info = await services.model_info()
+    if not info["multilingual"]:
+        raise InvalidOptionError("model", f"Model {info['id']!r} is English-only and cannot "
+                                 "translate; serve a multilingual model (e.g. base).")
     transcript = await services.transcribe_upload(request, file, params)
     return render_response(transcript, params)
 

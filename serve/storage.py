@@ -3,8 +3,13 @@
 An upload is copied chunk by chunk into a temporary file under `STORAGE_BASE_PATH/tmp` while
 its SHA-256 is computed; past `max_bytes` the copy stops with a 413 and the temporary file is
 removed. A complete upload is renamed to `audio/<sha[:2]>/<sha>`, so the same bytes are stored
-once. `StoredAudio.created` says whether this upload created the file, so a failed request
-deletes only what it added and never audio another job still references.
+once. `StoredAudio.created` says whether this upload created the file.
+
+Identical bytes may be uploaded by concurrent requests. Within a process every `save_*` takes a
+hold on the digest and `release_upload` drops it; the file is deleted only when the last holder
+lets go without keeping it, and only if one of them created it (audio that was already stored,
+e.g. by a job, is never deleted by a request). Across processes the jobs' database rows are the
+references.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -21,6 +27,10 @@ from config.settings import get_settings
 from serve.errors import UploadTooLargeError
 
 CHUNK_BYTES = 1 << 20
+
+_holds_lock = threading.Lock()
+_holds: dict[str, list] = {}
+"""digest -> [requests holding it, whether one of them created the file]"""
 
 
 class _Upload(Protocol):
@@ -68,15 +78,37 @@ def save_stream(stream: BinaryIO, *, max_bytes: int, base_path: Path | None = No
                 out.write(chunk)
         sha = digest.hexdigest()
         final = audio_path(sha, base)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        created = not final.exists()
-        if created:
-            os.replace(tmp, final)
-        else:
-            tmp.unlink()
+        with _holds_lock:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            created = not final.exists()
+            if created:
+                os.replace(tmp, final)
+            hold = _holds.setdefault(sha, [0, False])
+            hold[0] += 1
+            hold[1] = hold[1] or created
         return StoredAudio(path=final, sha256=sha, size=size, created=created)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def release_upload(stored: StoredAudio, *, keep: bool, base_path: Path | None = None) -> bool:
+    """Drop this request's hold on `stored`; True if the file was deleted.
+
+    `keep=True` when something durable (a job row) now references the audio.
+    """
+    with _holds_lock:
+        hold = _holds.get(stored.sha256)
+        if hold is None:
+            return False
+        hold[0] -= 1
+        if keep:
+            hold[1] = False  # referenced now: no request may delete it
+        if hold[0] > 0:
+            return False
+        del _holds[stored.sha256]
+        if not hold[1]:
+            return False
+        return delete_audio(stored.sha256, base_path=base_path)
 
 
 def delete_audio(sha256: str, *, base_path: Path | None = None) -> bool:

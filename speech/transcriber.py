@@ -65,9 +65,9 @@ class Transcriber:
         self.asr.load()
         self.asr.check_options(options)
         if self.diarizer is not None:
-            from speech.diarization import check_speaker_hints
+            from speech.diarization import validate_hints
 
-            check_speaker_hints(num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers)
+            validate_hints(num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers)
 
     def transcribe(
         self,

@@ -43,3 +43,21 @@ def base_model_dir(model_cache_dir: Path) -> Path:
     from speech.model_store import resolve_whisper_model
 
     return Path(resolve_whisper_model("base", model_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_en_model_dir: Path, model_cache_dir: Path):
+    """The packaged tiny.en engine as the service runs it on CPU, loaded once per session."""
+    from speech.asr import WhisperEngine
+
+    engine = WhisperEngine("tiny.en", device="cpu", cache_dir=model_cache_dir)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def decode():
+    """Decode a file of the shared data to the engine's 16 kHz mono float32."""
+    from speech.audio import decode_audio
+
+    return decode_audio

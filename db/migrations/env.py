@@ -5,7 +5,6 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import create_engine, pool
 
 from config.settings import get_settings
 from db.models import Base
@@ -35,7 +34,9 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    from db.session import make_engine  # creates the SQLite file's directory when needed
+
+    engine = make_engine(_url())
     with engine.connect() as connection:
         _run(connection)
     engine.dispose()

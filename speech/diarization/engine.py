@@ -57,6 +57,8 @@ class DiarizationEngine:
         self.hf_token = hf_token
         self._pipeline: Any = None
         self.load_time_s: float | None = None
+        self.last_timings: dict[str, float] = {}
+        """Seconds per step of the last `diarize` (packaged pipeline only), for bench/."""
 
     @property
     def loaded(self) -> bool:
@@ -93,6 +95,7 @@ class DiarizationEngine:
             min_speakers=min_speakers,
             max_speakers=max_speakers,
         )
+        self.last_timings = dict(getattr(self._pipeline, "timings", {}))
         annotation = getattr(output, "speaker_diarization", output)
         return turns_from_annotation(annotation)
 

@@ -149,3 +149,20 @@ def test_list_pages_newest_first_with_a_cursor(backend: str, n_jobs: int) -> Non
             if cursor is None:
                 break
     assert seen == list(reversed(ids))
+
+
+def test_retention_deletes_old_finished_jobs_and_reports_unreferenced_audio(backend: str) -> None:  # noqa: F811
+    from datetime import timedelta
+
+    from db.models import utcnow
+
+    old, recent = _queue(2)
+    with session_scope() as session:
+        for job_id, age_days in ((old, 40), (recent, 1)):
+            job = repo.get_job(session=session, job_id=job_id, user_id=None)
+            job.status, job.finished_at = "succeeded", utcnow() - timedelta(days=age_days)
+    with session_scope() as session:
+        assert repo.purge_finished(session=session, older_than=utcnow() - timedelta(days=30)) == []  # still used
+    assert _job(old) is None and _job(recent) is not None
+    with session_scope() as session:
+        assert repo.purge_finished(session=session, older_than=utcnow()) == [AUDIO.sha256]

@@ -82,11 +82,15 @@ def test_not_audio_is_refused_and_leaves_nothing_behind(client: TestClient) -> N
 
 def test_bad_options_name_the_parameter(client: TestClient) -> None:
     alice = make_caller("alice@example.org")
-    for field, value in [("temperature", "5"), ("num_speakers", "-1"), ("min_speakers", "3")]:
-        data = {field: value, **({"max_speakers": "2"} if field == "min_speakers" else {})}
+    cases = [({"temperature": "5"}, "temperature"), ({"language": "xx"}, "language"),
+             ({"diarize": "true", "num_speakers": "-1"}, "num_speakers"),
+             ({"diarize": "true", "min_speakers": "3", "max_speakers": "2"}, "min_speakers"),
+             ({"task": "summarise"}, "task")]
+    for data, param in cases:
         with SHORT.open("rb") as fh:
             response = client.post("/v1/jobs", headers=alice.headers, files={"file": (SHORT.name, fh)}, data=data)
-        assert response.status_code == 400, (field, response.text)
+        assert response.status_code == 400, (data, response.text)
+        assert response.json()["error"]["param"] == param, response.text
     assert _stored_files() == []
 
 

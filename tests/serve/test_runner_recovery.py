@@ -1,7 +1,10 @@
 """Against the real PostgreSQL, with real runner processes started and killed by their own handles.
 
-- Crash: the runner is killed (SIGKILL) while transcribing; a runner started afterwards claims the
-  job when its lease expires and completes it once: attempts 2, segments not duplicated.
+- Crash: the runner is killed (SIGKILL) while it holds a running job; a runner started afterwards
+  claims the job when its lease expires and completes it once, with the real model: attempts 2,
+  segments not duplicated. (The killed runner's engine is the no-op stand-in told to take 10 minutes:
+  all it must do is hold the job when it dies; loading the real model twice would double the
+  test's time without testing anything more.)
 - Race: two runners poll the same queue of 50 jobs; every job is processed exactly once.
 """
 
@@ -61,9 +64,9 @@ def test_a_runner_killed_mid_job_is_replaced_and_the_job_completes_once(pg_only:
     alice = make_caller("alice@example.org")
     with TestClient(make_app()) as client:
         job_id = submit(client, alice, JFK, language="en")["id"]
-    args = ("--engine", "whisper", "--lease-s", "3", "--heartbeat-s", "1", "--poll-s", "0.2")
+    args = ("--lease-s", "3", "--heartbeat-s", "1", "--poll-s", "0.2")
 
-    first = _runner(tmp_path / "first.log", *args)
+    first = _runner(tmp_path / "first.log", "--engine", "noop", "--noop-delay-s", "600", *args)
     try:
         _wait(lambda: _job(job_id).status == "running", 240, "the first runner to claim the job", [first])
     finally:
@@ -72,7 +75,7 @@ def test_a_runner_killed_mid_job_is_replaced_and_the_job_completes_once(pg_only:
     killed = _job(job_id)
     assert (killed.status, killed.attempts) == ("running", 1), "the job must still be mid-run when killed"
 
-    second = _runner(tmp_path / "second.log", *args)
+    second = _runner(tmp_path / "second.log", "--engine", "whisper", *args)
     try:
         _wait(lambda: _job(job_id).status in ("succeeded", "failed"), 300, "the restarted runner", [second])
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from serve.errors import UploadTooLargeError
-from serve.storage import audio_path, delete_audio, save_stream
+from serve.storage import audio_path, delete_audio, release_upload, save_stream
 
 
 class CountingStream(io.RawIOBase):
@@ -68,3 +68,21 @@ def test_delete_audio_removes_the_file_and_its_empty_shard(tmp_path: Path) -> No
     assert delete_audio(stored.sha256, base_path=tmp_path)
     assert not stored.path.exists() and not stored.path.parent.exists()
     assert not delete_audio(stored.sha256, base_path=tmp_path)
+
+
+def test_concurrent_identical_uploads_keep_the_file_until_the_last_one_is_done(tmp_path: Path) -> None:
+    first = save_stream(io.BytesIO(b"same"), max_bytes=10, base_path=tmp_path)
+    second = save_stream(io.BytesIO(b"same"), max_bytes=10, base_path=tmp_path)
+    assert not release_upload(first, keep=False, base_path=tmp_path)
+    assert second.path.exists()
+    assert release_upload(second, keep=False, base_path=tmp_path)
+    assert files_under(tmp_path) == []
+
+
+def test_audio_that_was_already_stored_is_never_deleted_by_a_request(tmp_path: Path) -> None:
+    kept = save_stream(io.BytesIO(b"job audio"), max_bytes=20, base_path=tmp_path)
+    release_upload(kept, keep=True, base_path=tmp_path)  # a job references it
+    again = save_stream(io.BytesIO(b"job audio"), max_bytes=20, base_path=tmp_path)
+    assert not again.created
+    assert not release_upload(again, keep=False, base_path=tmp_path)
+    assert kept.path.exists()

@@ -107,3 +107,35 @@ def test_a_finished_job_is_posted_to_its_callback_with_a_valid_signature(  # noq
     with session_scope() as session:
         job = repo.get_job(session=session, job_id=job_id, user_id=None)
         assert (job.webhook_status, job.webhook_attempts) == ("delivered", 3)
+
+
+def test_a_webhook_whose_sender_died_is_sent_by_another_runner(  # noqa: F811
+    backend: str, monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+) -> None:
+    """Nothing lost: the job finished but its runner died before delivering."""
+    from datetime import timedelta
+
+    from db.models import Job, utcnow
+
+    configure(monkeypatch, WEBHOOK_ALLOW_INTERNAL="true", WEBHOOK_BACKOFF_S="0.05")
+    alice = make_caller("alice@example.org")
+    with TestClient(make_app()) as client:
+        job_id = submit(client, alice, callback_url=receiver.url)["id"]
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.status, job.webhook_status = "succeeded", "pending"
+    with session_scope() as session:  # as if it finished ten minutes ago
+        session.get(Job, job_id).updated_at = utcnow() - timedelta(minutes=10)
+    with session_scope() as session:
+        assert repo.claim_stale_webhooks(session=session, stale_after_s=300) == [job_id]
+    with session_scope() as session:
+        assert repo.claim_stale_webhooks(session=session, stale_after_s=300) == []  # taken over once
+
+    async def run() -> None:
+        runner = JobRunner(noop_transcriber())
+        await runner._send_webhook(job_id)
+
+    asyncio.run(run())
+    assert json.loads(receiver.received[-1][0])["job"]["id"] == job_id
+    with session_scope() as session:
+        assert repo.get_job(session=session, job_id=job_id, user_id=None).webhook_status == "delivered"

@@ -1,0 +1,200 @@
+"""Load on the HTTP service: N concurrent clients sending short real clips for a fixed time.
+
+Prints, per concurrency level, requests/s, audio-seconds/s, p50/p95/p99 latency and errors,
+next to the engine alone transcribing the same clips one at a time in this process; then the
+p50 latency of the 11 s JFK clip at one client. Ends with one line:
+
+    RESULT clients=16 speedup_vs_sequential=<f> p50_s_1client=<f> errors_non503=<n>
+
+Without --url it starts the service itself (private local Ray, RAY_AUTH_MODE=disabled, the CPU
+profile of serve_config.yaml on a free port) and stops it at the end.
+
+    .venv/bin/python bench/serve_load.py [--url http://127.0.0.1:8000] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "speech"
+JFK = DATA / "jfk" / "jfk.flac"
+SHORT_CLIPS = [*sorted((DATA / "pocketsphinx" / "librivox").glob("*.wav")),
+               DATA / "lhotse_fixtures" / "2412-153948-0000.flac",
+               DATA / "picovoice_leopard" / "test.wav", JFK]
+"""Real speech of 3-12 s with references (LibriVox, LibriSpeech, JFK)."""
+
+
+@dataclass
+class Level:
+    clients: int
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    audio_s: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    def line(self, name: str) -> str:
+        errors = {k: v for k, v in self.statuses.items() if k != 200}
+        return (f"{name:>14} {self.ok / self.seconds:8.2f} req/s {self.audio_s / self.seconds:8.2f} "
+                f"audio-s/s  p50 {self.pct(0.5):6.2f} s  p95 {self.pct(0.95):6.2f} s  "
+                f"p99 {self.pct(0.99):6.2f} s  errors {errors or 0}")
+
+
+def durations() -> dict[Path, float]:
+    from speech.audio import audio_duration_s, decode_audio
+
+    return {p: audio_duration_s(decode_audio(p)) for p in SHORT_CLIPS}
+
+
+def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
+    """`clients` threads, each sending clips back to back until the time is up."""
+    level = Level(clients)
+    lock = threading.Lock()
+    payloads = {p: p.read_bytes() for p in clips}
+    deadline = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=600) as http:
+            while time.monotonic() < deadline:
+                path = clips[i % len(clips)]
+                i += 1
+                t0 = time.monotonic()
+                try:
+                    r = http.post(url + "/v1/audio/transcriptions", data={"model": "whisper-1"},
+                                  files={"file": (path.name, payloads[path])})
+                    status = r.status_code
+                except httpx.HTTPError:
+                    status = -1
+                elapsed = time.monotonic() - t0
+                with lock:
+                    level.statuses[status] = level.statuses.get(status, 0) + 1
+                    if status == 200:
+                        level.latencies.append(elapsed)
+                        level.audio_s += dur[path]
+                if status == 503:
+                    time.sleep(0.2)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    level.seconds = time.monotonic() - start  # includes the tail of requests started in time
+    return level
+
+
+def engine_alone(seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
+    """The same clips through the engine in this process, one at a time, no HTTP, no Ray."""
+    from config.settings import get_settings
+    from speech.asr import WhisperEngine
+    from speech.audio import decode_audio
+    from speech.types import TranscribeOptions
+
+    settings = get_settings()
+    engine = WhisperEngine(settings.WHISPER_MODEL_PATH, "cpu", settings.MODEL_CACHE_DIR)
+    engine.load()
+    audio = {p: decode_audio(p) for p in clips}
+    engine.transcribe([audio[clips[0]]], TranscribeOptions())  # warm-up
+    level = Level(1)
+    start = time.monotonic()
+    i = 0
+    while time.monotonic() - start < seconds:
+        path = clips[i % len(clips)]
+        i += 1
+        t0 = time.monotonic()
+        engine.transcribe([audio[path]], TranscribeOptions())
+        level.latencies.append(time.monotonic() - t0)
+        level.audio_s += dur[path]
+        level.statuses[200] = level.statuses.get(200, 0) + 1
+    level.seconds = time.monotonic() - start
+    return level
+
+
+@contextmanager
+def local_service() -> Iterator[str]:
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit, before Ray starts
+    import ray
+    from ray import serve
+
+    from serve.app import build_from_config
+
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app_config = config["applications"][0]
+        serve.run(build_from_config(app_config), name=app_config["name"], route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def run(url: str, seconds: float, levels: list[int]) -> None:
+    dur = durations()
+    print(f"clips: {len(SHORT_CLIPS)} real recordings of {min(dur.values()):.1f}-"
+          f"{max(dur.values()):.1f} s; {seconds:g} s per level", flush=True)
+    drive(url, 2, 5, SHORT_CLIPS, dur)  # warm-up, not counted
+    results = {}
+    for n in levels:
+        results[n] = drive(url, n, seconds, SHORT_CLIPS, dur)
+        print(results[n].line(f"{n} clients"), flush=True)
+    jfk = drive(url, 1, max(10.0, seconds / 2), [JFK], dur)
+    print(jfk.line("JFK 11 s x1"), flush=True)
+    alone = engine_alone(seconds, SHORT_CLIPS, dur)
+    print(alone.line("engine alone"), flush=True)
+    ref = 16 if 16 in results else max(results)
+    speedup = (results[ref].audio_s / results[ref].seconds) / (alone.audio_s / alone.seconds)
+    errors = sum(v for lv in [*results.values(), jfk] for k, v in lv.statuses.items()
+                 if k not in (200, 503))
+    print(f"RESULT clients={ref} speedup_vs_sequential={speedup:.2f} "
+          f"p50_s_1client={jfk.pct(0.5):.2f} errors_non503={errors}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running service; default: start one locally")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time per concurrency level")
+    parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+    if args.url:
+        run(args.url.rstrip("/"), args.seconds, levels)
+    else:
+        with local_service() as url:
+            run(url, args.seconds, levels)
+
+
+if __name__ == "__main__":
+    main()

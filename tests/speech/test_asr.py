@@ -1,0 +1,155 @@
+"""The Whisper engine on real recordings: accuracy, timestamps, long form, batching, guards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speech.errors import InvalidOptionError
+from speech.evaluation import normalize, reference_clips, word_count, word_error_rate
+from speech.types import SAMPLE_RATE, TranscribeOptions
+
+EN = TranscribeOptions()
+
+
+def test_jfk_is_transcribed_word_for_word(tiny_engine, decode, speech_data_dir):
+    audio = decode(speech_data_dir / "jfk" / "jfk.flac")
+    transcript = tiny_engine.transcribe([audio], EN)[0]
+    reference = (speech_data_dir / "jfk" / "jfk.txt").read_text()
+    assert normalize(transcript.text) == normalize(reference), transcript.text
+    assert transcript.language == "en"
+    assert transcript.duration == pytest.approx(11.0, abs=0.01)
+
+
+def test_word_error_rate_within_one_point_of_faster_whisper_beam5(tiny_engine, decode, speech_data_dir):
+    from faster_whisper import WhisperModel
+
+    from speech.model_store import ct2_source_dir
+
+    clips = reference_clips(speech_data_dir)
+    assert len(clips) >= 15
+    audios = [decode(c.path) for c in clips]
+    ours = [t.text for t in tiny_engine.transcribe(audios, EN)]
+    fw = WhisperModel(str(ct2_source_dir("tiny.en", tiny_engine.cache_dir)), device="cpu", compute_type="int8")
+    theirs = ["".join(s.text for s in fw.transcribe(a, beam_size=5, language="en")[0]) for a in audios]
+    refs = [c.reference for c in clips]
+    our_wer, their_wer = word_error_rate(refs, ours), word_error_rate(refs, theirs)
+    print(f"WER engine={our_wer:.4f} faster-whisper beam5={their_wer:.4f}")
+    assert our_wer <= their_wer + 0.01, (our_wer, their_wer, list(zip(refs, ours)))
+
+
+def test_word_timestamps_match_reference_turns(tiny_engine, decode, speech_data_dir):
+    """ES2011a: 'I'm Abigail Claflin' 1.46-2.82 s, 'You can call me Abbie' 3.36-4.36 s."""
+    clip = speech_data_dir / "lhotse_fixtures" / "ES2011a.Headset-0-40s-46s.wav"
+    transcript = tiny_engine.transcribe([decode(clip)], TranscribeOptions(word_timestamps=True))[0]
+    words = transcript.words
+    assert len(words) >= 7, transcript.text
+    you = next(i for i, w in enumerate(words) if normalize(w.word) == "you")
+    first, second = words[:you], words[you:]
+    assert first[0].start == pytest.approx(1.46, abs=0.3)
+    assert first[-1].end == pytest.approx(2.82, abs=0.3)
+    assert second[0].start == pytest.approx(3.36, abs=0.3)
+    assert second[-1].end == pytest.approx(4.36, abs=0.3)
+    for w in words:
+        assert 0.0 <= w.start <= w.end <= transcript.duration
+
+
+def test_segments_are_monotonic_and_carry_their_words(tiny_engine, decode, speech_data_dir):
+    audio = decode(speech_data_dir / "pyannote_sample" / "sample.wav")
+    transcript = tiny_engine.transcribe([audio], TranscribeOptions(word_timestamps=True))[0]
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts)
+    for s in transcript.segments:
+        assert 0.0 <= s.start <= s.end <= transcript.duration
+        assert normalize("".join(w.word for w in s.words)) == normalize(s.text)
+
+
+def test_windows_of_many_inputs_batched_equal_each_alone(tiny_engine, decode, speech_data_dir):
+    paths = [
+        speech_data_dir / "jfk" / "jfk.flac",
+        speech_data_dir / "picovoice_leopard" / "test.wav",
+        speech_data_dir / "lhotse_fixtures" / "2412-153948-0000.flac",
+    ]
+    audios = [decode(p) for p in paths]
+    together = tiny_engine.transcribe(audios, EN)
+    alone = [tiny_engine.transcribe([a], EN)[0] for a in audios]
+    assert [t.text for t in together] == [t.text for t in alone]
+    assert [[(s.start, s.end) for s in t.segments] for t in together] == [
+        [(s.start, s.end) for s in t.segments] for t in alone
+    ]
+
+
+def test_long_form_loses_no_window(tiny_engine, decode, speech_data_dir):
+    """The 54-minute file in one call against its 251 utterances transcribed one by one."""
+    long_file = speech_data_dir / "concat_throughput" / "librispeech_tc100_concat_16k.flac"
+    audio = decode(long_file)
+    rows = [r.split("\t") for r in long_file.with_suffix(".segments.tsv").read_text().splitlines()[1:] if r]
+    pieces = [audio[int(float(s) * SAMPLE_RATE) : int(float(e) * SAMPLE_RATE)] for s, e, *_ in rows]
+    assert len(pieces) == 251
+
+    whole = tiny_engine.transcribe([audio], EN)[0]
+    per_piece = sum(word_count(t.text) for t in tiny_engine.transcribe(pieces, EN))
+    got = word_count(whole.text)
+    print(f"long form: {got} words; per utterance: {per_piece} words")
+    assert abs(got - per_piece) <= 0.05 * per_piece
+    ends = [s.end for s in whole.segments]
+    starts = [s.start for s in whole.segments]
+    assert starts == sorted(starts) and ends == sorted(ends)
+    assert all(0.0 <= s.start <= s.end <= whole.duration for s in whole.segments)
+
+
+def test_silence_gives_no_text(tiny_engine):
+    silence = np.zeros(20 * SAMPLE_RATE, dtype=np.float32)
+    assert tiny_engine.transcribe([silence], EN)[0].segments == []
+
+
+def test_noise_is_not_transcribed_as_speech(tiny_engine):
+    noise = np.random.default_rng(0).normal(0, 0.01, 20 * SAMPLE_RATE).astype(np.float32)
+    transcript = tiny_engine.transcribe([noise], EN)[0]
+    assert word_count(transcript.text) <= 3, transcript.text
+
+
+def test_beam_search_is_available(tiny_engine, decode, speech_data_dir):
+    audio = decode(speech_data_dir / "jfk" / "jfk.flac")
+    transcript = tiny_engine.transcribe([audio], TranscribeOptions(beam_size=3))[0]
+    assert word_error_rate([(speech_data_dir / "jfk" / "jfk.txt").read_text()], [transcript.text]) <= 0.05
+
+
+def test_initial_prompt_steers_spelling(tiny_engine, decode, speech_data_dir):
+    clip = speech_data_dir / "lhotse_fixtures" / "ES2011a.Headset-0-40s-46s.wav"
+    prompted = tiny_engine.transcribe([decode(clip)], TranscribeOptions(initial_prompt="Abigail Claflin and Abbie."))[0]
+    assert "claflin" in normalize(prompted.text), prompted.text
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        (TranscribeOptions(language="xx"), "language"),
+        (TranscribeOptions(language="de"), "language"),  # tiny.en knows English only
+        (TranscribeOptions(task="translate"), "task"),
+        (TranscribeOptions(temperature=5.0), "temperature"),
+        (TranscribeOptions(beam_size=0), "beam_size"),
+    ],
+)
+def test_options_the_model_cannot_honour_are_refused_before_any_work(tiny_engine, options, param):
+    with pytest.raises(InvalidOptionError) as err:
+        tiny_engine.split(np.zeros(SAMPLE_RATE, dtype=np.float32), options)
+    assert err.value.param == param
+
+
+@pytest.fixture(scope="module")
+def base_engine(base_model_dir, model_cache_dir):
+    from speech.asr import WhisperEngine
+
+    engine = WhisperEngine("base", cache_dir=model_cache_dir)
+    engine.load()
+    return engine
+
+
+def test_multilingual_model_detects_language_and_translates(base_engine, decode, speech_data_dir):
+    audio = decode(speech_data_dir / "jfk" / "jfk.flac")
+    detected = base_engine.transcribe([audio], TranscribeOptions())[0]
+    assert detected.language == "en"
+    assert word_error_rate([(speech_data_dir / "jfk" / "jfk.txt").read_text()], [detected.text]) <= 0.1
+    translated = base_engine.transcribe([audio], TranscribeOptions(task="translate", language="en"))[0]
+    assert translated.task == "translate" and "country" in normalize(translated.text)
