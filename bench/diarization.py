@@ -23,7 +23,8 @@ from speech.diarization import DiarizationEngine
 from speech.diarization.scoring import der_metric, reference, score
 from speech.types import SAMPLE_RATE
 
-DATA = Path("/work/shared/data/speech")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+"""Real recordings with references (shared/ lies beside the repository)."""
 
 
 @dataclass(frozen=True)

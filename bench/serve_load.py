@@ -7,16 +7,19 @@ p50 latency of the 11 s JFK clip at one client. Ends with one line:
     RESULT clients=16 speedup_vs_sequential=<f> p50_s_1client=<f> errors_non503=<n>
 
 Without --url it starts the service itself (private local Ray, RAY_AUTH_MODE=disabled, the CPU
-profile of serve_config.yaml on a free port) and stops it at the end.
+profile of serve_config.yaml on a free port, a throwaway storage/SQLite database with its own
+API key, rate limits off so the load is not refused by them) and stops it at the end.
 
-    .venv/bin/python bench/serve_load.py [--url http://127.0.0.1:8000] [--seconds 20]
+    .venv/bin/python bench/serve_load.py [--url http://127.0.0.1:8000 --api-key sk-...] [--seconds 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
+import tempfile
 import sys
 import threading
 import time
@@ -69,6 +72,9 @@ def durations() -> dict[Path, float]:
     return {p: audio_duration_s(decode_audio(p)) for p in SHORT_CLIPS}
 
 
+HEADERS: dict[str, str] = {}
+
+
 def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
     """`clients` threads, each sending clips back to back until the time is up."""
     level = Level(clients)
@@ -78,7 +84,7 @@ def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[P
 
     def client(k: int) -> None:
         i = k
-        with httpx.Client(timeout=600) as http:
+        with httpx.Client(timeout=600, headers=HEADERS) as http:
             while time.monotonic() < deadline:
                 path = clips[i % len(clips)]
                 i += 1
@@ -115,7 +121,13 @@ def engine_alone(seconds: float, clips: list[Path], dur: dict[Path, float]) -> L
     from speech.audio import decode_audio
     from speech.types import TranscribeOptions
 
+    import torch
+
     settings = get_settings()
+    # The same torch thread count as the ASR replica (Ray sets OMP_NUM_THREADS = its num_cpus).
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    asr = next(d for d in config["applications"][0]["deployments"] if d["name"] == "ASRDeployment")
+    torch.set_num_threads(max(1, int(asr["ray_actor_options"]["num_cpus"])))
     engine = WhisperEngine(settings.WHISPER_MODEL_PATH, "cpu", settings.MODEL_CACHE_DIR)
     engine.load()
     audio = {p: decode_audio(p) for p in clips}
@@ -143,11 +155,21 @@ def local_service() -> Iterator[str]:
 
     from serve.app import build_from_config
 
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    env = {"STORAGE_BASE_PATH": str(tmp), "RATE_LIMIT_PER_MINUTE": "0",
+           "RATE_LIMIT_KEY_PER_MINUTE": "0", "JOB_RUNNER_CONCURRENCY": "0"}
+    os.environ.update(env)  # this process's settings too: the key goes into the same database
+    from config.settings import get_settings
+    from serve.jobs_api import prepare_database
+
+    get_settings.cache_clear()
+    HEADERS["Authorization"] = f"Bearer {prepare_database()}"
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_config = config["applications"][0]
@@ -158,10 +180,10 @@ def local_service() -> Iterator[str]:
             serve.shutdown()
         finally:
             ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(url: str, seconds: float, levels: list[int]) -> None:
-    dur = durations()
+def run(url: str, seconds: float, levels: list[int], alone: Level, dur: dict[Path, float]) -> None:
     print(f"clips: {len(SHORT_CLIPS)} real recordings of {min(dur.values()):.1f}-"
           f"{max(dur.values()):.1f} s; {seconds:g} s per level", flush=True)
     drive(url, 2, 5, SHORT_CLIPS, dur)  # warm-up, not counted
@@ -171,7 +193,6 @@ def run(url: str, seconds: float, levels: list[int]) -> None:
         print(results[n].line(f"{n} clients"), flush=True)
     jfk = drive(url, 1, max(10.0, seconds / 2), [JFK], dur)
     print(jfk.line("JFK 11 s x1"), flush=True)
-    alone = engine_alone(seconds, SHORT_CLIPS, dur)
     print(alone.line("engine alone"), flush=True)
     ref = 16 if 16 in results else max(results)
     speedup = (results[ref].audio_s / results[ref].seconds) / (alone.audio_s / alone.seconds)
@@ -185,15 +206,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running service; default: start one locally")
+    parser.add_argument("--api-key", help="API key for --url")
     parser.add_argument("--seconds", type=float, default=20.0, help="time per concurrency level")
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
+    dur = durations()
+    # The baseline first, before any service runs on this machine's cores.
+    alone = engine_alone(args.seconds, SHORT_CLIPS, dur)
+    print(alone.line("engine alone"), flush=True)
     if args.url:
-        run(args.url.rstrip("/"), args.seconds, levels)
+        if args.api_key:
+            HEADERS["Authorization"] = f"Bearer {args.api_key}"
+        run(args.url.rstrip("/"), args.seconds, levels, alone, dur)
     else:
         with local_service() as url:
-            run(url, args.seconds, levels)
+            run(url, args.seconds, levels, alone, dur)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from speech.types import TranscribeOptions
 
 log = logging.getLogger("pipelines.batch_transcribe")
 
+DECODE_CPUS = 0.5
 SUBTITLE_FORMATS = ("srt", "vtt", "txt", "text", "tsv", "json", "verbose_json", "rttm")
 
 
@@ -89,6 +90,8 @@ class Summary:
     audio_s: float = 0.0
     wall_s: float = 0.0
     failures: list[FileRecord] = field(default_factory=list)
+    stage_stats: str = ""
+    """Ray Data's per-stage timing of the run (where the time went), for bench/ and debugging."""
 
     @property
     def rtfx(self) -> float:
@@ -154,6 +157,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
     """One bulk run: list, skip what is done, transcribe the rest, write, summarise."""
     import ray
     import ray.data
+    from ray.data import ActorPoolStrategy
 
     from config.settings import get_settings
     from pipelines import stages
@@ -198,6 +202,17 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         done = (done & db_done) if jsonl else db_done
 
     summary = Summary(files=len(paths))
+    # Quick check (as rsync does): a local file with the size and mtime of its done record is not
+    # even read again; everything else is hashed in the CPU stage and skipped there when known.
+    stats = {p: _stat(p) for p in paths}
+    unchanged = [p for p in paths if _unchanged(previous.get(p), stats[p], key, cfg.retry_failed)
+                 and (sink is None or previous[p].sha256 in done)]
+    summary.skipped = len(unchanged)
+    todo = [p for p in paths if p not in set(unchanged)]
+    if not todo:
+        print(f"batch: all {len(paths)} files done before; nothing to do", file=out, flush=True)
+        print(summary.table(), file=out, flush=True)
+        return summary
     started_here = _connect(cfg)
     t0 = time.perf_counter()
     writer = JsonlWriter(jsonl) if jsonl else None
@@ -218,20 +233,23 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(getattr(out, "isatty", lambda: False)())
         common = {"options": options, "model": model, "device": device}
-        ds = ray.data.from_items([{"path": p} for p in paths],
-                                 override_num_blocks=max(1, min(len(paths), 4 * int(resources.get("CPU", 1)) * 8)))
-        ds = ds.map_batches(stages.decode_files, batch_size=1, num_cpus=1, batch_format="numpy",
+        ds = ray.data.from_items([{"path": p} for p in todo],
+                                 override_num_blocks=max(1, min(len(todo), 32 * int(resources.get("CPU", 1)))))
+        # Half a CPU per decode task: one thread each, often waiting on storage; and resources
+        # unlike the actors' keep Ray Data from fusing decoding into the Whisper actors, which
+        # would run it there and limit each model batch to the files of one input block.
+        ds = ds.map_batches(stages.decode_files, batch_size=1, num_cpus=DECODE_CPUS, batch_format="numpy",
                             fn_kwargs={**common, "done": frozenset(done), "split": not cfg.diarize,
                                        "max_duration_s": settings.AUDIO_MAX_DURATION_S})
         if cfg.diarize:
             ds = ds.map_batches(
-                stages.DiarizeStage, batch_size=1, batch_format="numpy", concurrency=actors,
+                stages.DiarizeStage, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
                 num_gpus=gpus / 2 if gpus else 0, num_cpus=1 if not gpus else 0.5,
                 fn_constructor_kwargs={"spec": settings.DIARIZATION_MODEL_PATH, "device": device,
                                        "hf_token": settings.HF_TOKEN, "hints": cfg.hints(), "threads": threads})
-            ds = ds.map_batches(stages.split_files, batch_size=1, num_cpus=1, batch_format="numpy", fn_kwargs=common)
+            ds = ds.map_batches(stages.split_files, batch_size=1, num_cpus=DECODE_CPUS, batch_format="numpy", fn_kwargs=common)
         ds = ds.map_batches(
-            stages.WhisperStage, batch_size=batch_windows, batch_format="numpy", concurrency=actors,
+            stages.WhisperStage, batch_size=batch_windows, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
             num_gpus=(gpus / 2 if cfg.diarize else gpus) if gpus else None, num_cpus=1 if not gpus else 0.5,
             fn_constructor_kwargs={"model": model, "device": device, "cache_dir": str(settings.MODEL_CACHE_DIR),
                                    "batch_windows": batch_windows, "options": options, "threads": threads})
@@ -256,6 +274,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
                 else:
                     summary.failed += 1
                     summary.failures.append(record)
+                record.mtime_ns = stats[record.path][1] if stats.get(record.path) else None
                 if writer:
                     writer.write(record)
                     write_formats(record, cfg.formats, jsonl.parent, root)  # type: ignore[union-attr]
@@ -266,6 +285,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
                 last = now
                 _progress(summary, now - t0, assembler.in_flight, out)
         summary.wall_s = time.perf_counter() - t0
+        summary.stage_stats = ds.stats()
         if sink:
             sink.audit("batch.finished", {"files": summary.files, "succeeded": summary.succeeded,
                                           "failed": summary.failed, "skipped": summary.skipped,
@@ -285,6 +305,25 @@ def _progress(s: Summary, elapsed: float, in_flight: int, out) -> None:  # noqa:
     rate = s.audio_s / elapsed if elapsed > 0 else 0.0
     print(f"progress: {finished}/{s.files} files ({s.failed} failed, {s.skipped} skipped, {in_flight} in flight), "
           f"{s.audio_s / 3600:.2f} h audio in {elapsed:.0f} s, {rate:.1f}x real time", file=out, flush=True)
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a local file; None for remote ones (always hashed)."""
+    if is_remote(path):
+        return None
+    try:
+        st = os.stat(path.removeprefix("file://"))
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _unchanged(prior: FileRecord | None, stat: tuple[int, int] | None, key: str, retry_failed: bool) -> bool:
+    if prior is None or stat is None or prior.run_key != key or prior.mtime_ns is None:
+        return False
+    if prior.status != "succeeded" and (retry_failed or prior.status != "failed"):
+        return False
+    return (prior.size, prior.mtime_ns) == stat
 
 
 def _is_dir(spec: str) -> bool:

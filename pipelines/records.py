@@ -39,6 +39,8 @@ class FileRecord:
     text: str = ""
     speakers: list[dict[str, Any]] | None = None
     task: str = "transcribe"
+    mtime_ns: int | None = None
+    """Local files: modification time when read, for the quick check that skips re-hashing."""
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @classmethod

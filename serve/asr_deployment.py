@@ -70,8 +70,11 @@ class ASRDeployment:
         self._warm_up()
         load_s = time.perf_counter() - t0
         self._metrics.model_load_seconds.set(load_s, tags={"model": self._engine.model_name})
+        import torch
+
         log.info("asr replica ready", extra={"model": self._engine.model_name,
-                                             "load_seconds": round(load_s, 2)})
+                                             "load_seconds": round(load_s, 2),
+                                             "torch_threads": torch.get_num_threads()})
         self._queued = 0
         self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
                           "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}

@@ -37,6 +37,9 @@ from speech.windowing import MAX_WINDOW_S, plan_windows
 log = logging.getLogger(__name__)
 
 TIME_PRECISION = 0.02
+N_SAMPLES = 30 * SAMPLE_RATE
+N_FFT = 400
+HOP_LENGTH = 160
 MAX_NEW_TOKENS = 224
 COMPRESSION_RATIO_LIMIT = 2.4
 LOGPROB_LIMIT = -1.0
@@ -108,6 +111,8 @@ class WhisperEngine:
         self.cache_dir = cache_dir
         self.quantize = (self.device == "cpu") if quantize is None else quantize
         self.max_batch_size = max_batch_size
+        self.fixed_new_tokens: int | None = None
+        """Benchmarks only: decode exactly this many tokens per window, ignoring end of text."""
         # Silero costs a fifth of the CPU budget; on a GPU it is noise next to the model.
         self.vad = make_vad(vad or ("silero" if self.device == "cuda" else "energy"), vad_params)
         self.model = None
@@ -139,14 +144,28 @@ class WhisperEngine:
                 model, {torch.nn.Linear}, dtype=torch.qint8
             )
         processor = WhisperProcessor.from_pretrained(path)
-        self.feature_extractor = processor.feature_extractor
-        self.tokenizer = processor.tokenizer
-        self.generation_config = model.generation_config
-        self._init_tokens()
+        self._attach(model, processor.feature_extractor, processor.tokenizer)
         self.vad.load()
-        self.model = model
         self.load_seconds = time.perf_counter() - t0
         log.info("whisper model loaded", extra={"model": self.model_name, "seconds": self.load_seconds})
+
+    @classmethod
+    def from_model(cls, model, feature_extractor, tokenizer, device: str, **kwargs) -> WhisperEngine:
+        """An engine around an already built model (benchmarks with random weights, tests)."""
+        engine = cls(model="in-memory", device=device, **kwargs)
+        engine._attach(model.to(engine.device).eval(), feature_extractor, tokenizer)
+        engine.vad.load()
+        return engine
+
+    def _attach(self, model, feature_extractor, tokenizer) -> None:
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.generation_config = model.generation_config
+        self._init_tokens()
+        self._dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self._hann = torch.hann_window(N_FFT, device=self.device)
+        self._mel_filters = torch.from_numpy(np.asarray(feature_extractor.mel_filters, dtype=np.float32)).T.to(self.device)
+        self.model = model
 
     def _init_tokens(self) -> None:
         tok = self.tokenizer
@@ -172,7 +191,6 @@ class WhisperEngine:
         )
         heads = getattr(self.generation_config, "alignment_heads", None) or []
         self.alignment_heads = [tuple(h) for h in heads]
-        self.vocab_size = self.model_vocab_size = None
 
     @property
     def model_name(self) -> str:
@@ -284,10 +302,22 @@ class WhisperEngine:
 
     # ---------------------------------------------------------------- internals
     def _features(self, windows: Sequence[Window]) -> torch.Tensor:
-        feats = self.feature_extractor(
-            [w.samples for w in windows], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-        ).input_features
-        return feats.to(self.device, dtype=next(self.model.parameters()).dtype if self.device == "cuda" else torch.float32)
+        """Whisper's log-mel spectrogram of 30 s windows, computed batched on the model's device.
+
+        Same arithmetic as WhisperFeatureExtractor (checked in tests), without its round trip
+        through numpy per window, which on a GPU cost more than the encoder.
+        """
+        n = N_SAMPLES
+        batch = np.zeros((len(windows), n), dtype=np.float32)
+        for k, w in enumerate(windows):
+            batch[k, : min(n, len(w.samples))] = w.samples[:n]
+        audio = torch.from_numpy(batch).to(self.device)
+        stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=self._hann, return_complex=True)
+        power = stft[..., :-1].abs() ** 2
+        mel = self._mel_filters @ power
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return ((log_spec + 4.0) / 4.0).to(self._dtype)
 
     def _encode(self, windows: Sequence[Window]) -> torch.Tensor:
         return self.model.model.encoder(self._features(windows)).last_hidden_state
@@ -326,7 +356,8 @@ class WhisperEngine:
             decoded = self._decode_beam(windows, prefixes, prompt, opts)
         else:
             decoded = self._decode_greedy(enc, prefixes, prompt, durations, opts.temperature)
-            decoded = self._fallback(enc, prefixes, prompt, durations, decoded, opts.temperature)
+            if not self.fixed_new_tokens:
+                decoded = self._fallback(enc, prefixes, prompt, durations, decoded, opts.temperature)
         results = []
         for k, dec in enumerate(decoded):
             segments = self._segments(dec, durations[k])
@@ -413,7 +444,10 @@ class WhisperEngine:
         last_ts_value = torch.full((batch,), tb - 1, dtype=torch.long, device=dev)
         neg_inf = torch.tensor(float("-inf"), device=dev)
 
-        for step in range(MAX_NEW_TOKENS):
+        n_steps = self.fixed_new_tokens or MAX_NEW_TOKENS
+        if self.fixed_new_tokens:
+            suppress[self.eot] = begin_suppress[self.eot] = True
+        for step in range(n_steps):
             mask = (begin_suppress if step == 0 else suppress)[None, :] | too_late
             if step > 0:
                 is_ts = vocab_idx[None, :] >= tb
@@ -433,6 +467,9 @@ class WhisperEngine:
             text_max = lp[:, :tb].max(dim=-1).values
             force_ts = (ts_lp > text_max)[:, None] & (vocab_idx[None, :] < tb)
             scores = torch.where(force_ts, neg_inf, scores)
+            # a row the rules left without any choice (only with fixed_new_tokens) takes text
+            stuck = torch.isinf(scores).all(dim=-1, keepdim=True)
+            scores = torch.where(stuck, logits, scores)
             if temperature > 0:
                 probs = torch.softmax(scores / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1).squeeze(1)

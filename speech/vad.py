@@ -31,9 +31,10 @@ class VadParams:
     neg_threshold: float = 0.35
     """Probability below which speech ends (hysteresis)."""
     min_speech_s: float = 0.25
-    min_silence_s: float = 0.3
-    """Silences shorter than this stay inside one speech region."""
-    pad_s: float = 0.2
+    min_silence_s: float = 0.15
+    """Silences shorter than this stay inside one speech region. Short, so that regions are
+    phrases and windows can be packed close to 30 s: the encoder always pays for 30 s."""
+    pad_s: float = 0.05
     """Padding kept around each region so word onsets are not clipped."""
     stream_s: float = 30.0
 

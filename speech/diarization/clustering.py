@@ -24,6 +24,8 @@ class ClusteringParams:
     """Centroid-linkage euclidean distance (unit-normalised embeddings) under which clusters merge."""
     min_cluster_size: int = 2
     """Clusters with fewer embeddings are folded into the nearest large one."""
+    method: str = "centroid"
+    """scipy linkage method on unit-normalised embeddings (euclidean)."""
     min_active_ratio: float = 0.2
     """A (chunk, speaker) embedding is trusted for clustering when alone for this share of the chunk."""
 
@@ -53,14 +55,15 @@ class SpeakerClustering(BaseClustering):
         if n == 1:
             return np.zeros(1, dtype=int)
         x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-        dendrogram = linkage(x, method="centroid", metric="euclidean")
+        dendrogram = linkage(x, method=self.params.method, metric="euclidean")
         # as pyannote: the threshold is a euclidean distance between unit-normalised centroids
         by_threshold = fcluster(dendrogram, self.params.threshold, criterion="distance") - 1
         k = num_clusters or _num_large(by_threshold, self._min_size(n))
         k = int(np.clip(k, min_clusters, max_clusters))
         clusters = by_threshold if num_clusters is None and k == _num_large(by_threshold, self._min_size(n)) else None
         if clusters is None:
-            clusters = _cut_to_large(dendrogram, k, self._min_size(n), n)
+            near = len(np.unique(by_threshold))
+            clusters = _cut_to_large(dendrogram, k, self._min_size(n), n, near)
         return _fold_small(x, clusters, self._min_size(n))
 
     def _min_size(self, n: int) -> int:
@@ -72,17 +75,14 @@ def _num_large(clusters: np.ndarray, min_size: int) -> int:
     return max(1, int(np.sum(counts >= min_size)))
 
 
-def _cut_to_large(dendrogram: np.ndarray, k: int, min_size: int, n: int) -> np.ndarray:
-    """The finest cut of the tree that has exactly k clusters of at least min_size items."""
-    best = fcluster(dendrogram, k, criterion="maxclust") - 1
-    for total in range(k, n + 1):
-        clusters = fcluster(dendrogram, total, criterion="maxclust") - 1
-        large = _num_large(clusters, min_size)
-        if large == k:
-            return clusters
-        if large > k:
-            break
-    return best
+def _cut_to_large(dendrogram: np.ndarray, k: int, min_size: int, n: int, near: int) -> np.ndarray:
+    """The cut of the tree with k clusters of at least min_size items that is closest to the
+    threshold's own cut (`near` clusters in all): a forced count should move the threshold as
+    little as possible, not take the tree's top split (often one outlier group vs everyone)."""
+    cuts = {total: fcluster(dendrogram, total, criterion="maxclust") - 1 for total in range(1, n + 1)}
+    large = {total: _num_large(c, min_size) for total, c in cuts.items()}
+    best = min(cuts, key=lambda total: (abs(large[total] - k), abs(total - near)))
+    return cuts[best]
 
 
 def _fold_small(x: np.ndarray, clusters: np.ndarray, min_size: int) -> np.ndarray:

@@ -86,7 +86,7 @@ class OfflineSpeakerDiarization(SpeakerDiarization):
             batch_size=params.segmentation_batch_size,
         )
         self.segmentation = ParamDict(min_duration_off=Uniform(0.0, 1.0))
-        self._embedding_model = embedding.eval()
+        self._embedding = embedding.eval()
         self._audio = Audio(sample_rate=16_000, mono="downmix")
         self.clustering = SpeakerClustering(params.clustering)
         self._expects_num_speakers = False
@@ -97,7 +97,7 @@ class OfflineSpeakerDiarization(SpeakerDiarization):
 
     def to(self, device: torch.device) -> OfflineSpeakerDiarization:
         self._segmentation.to(device)
-        self._embedding_model.to(device)
+        self._embedding.to(device)
         self.device = device
         return self
 
@@ -142,7 +142,7 @@ class OfflineSpeakerDiarization(SpeakerDiarization):
         self, file: dict[str, Any], segmentations: SlidingWindowFeature, masks: np.ndarray, active: np.ndarray
     ) -> np.ndarray:
         """Backbone once over the file; each (chunk, speaker) pools its slice of the frames."""
-        model = self._embedding_model
+        model = self._embedding
         device = next(model.parameters()).device
         waveform, sr = file["waveform"][0], file["sample_rate"]
         window = segmentations.sliding_window
@@ -168,13 +168,13 @@ class OfflineSpeakerDiarization(SpeakerDiarization):
     ) -> np.ndarray:
         """pyannote's way: the backbone sees each 10 s window alone (once per chunk, not per speaker)."""
         num_chunks, num_speakers = active.shape
-        embeddings = np.full((num_chunks, num_speakers, self._embedding_model.dimension), np.nan, np.float32)
+        embeddings = np.full((num_chunks, num_speakers, self._embedding.dimension), np.nan, np.float32)
         waveform = file["waveform"][0]
         sr = file["sample_rate"]
         window = segmentations.sliding_window
         num_samples = int(round(window.duration * sr))
         todo = np.flatnonzero(active.any(axis=1))
-        device = next(self._embedding_model.parameters()).device
+        device = next(self._embedding.parameters()).device
         for start in range(0, len(todo), self.params.embedding_batch_size):
             chunks = todo[start : start + self.params.embedding_batch_size]
             batch = torch.zeros(len(chunks), 1, num_samples)
@@ -183,11 +183,11 @@ class OfflineSpeakerDiarization(SpeakerDiarization):
                 piece = waveform[offset : offset + num_samples]
                 batch[i, 0, : piece.shape[0]] = piece
             with torch.inference_mode():
-                features = self._embedding_model.frame_features(batch.to(device))
+                features = self._embedding.frame_features(batch.to(device))
                 # features: (batch, 512, frames)
                 rows, speakers = np.nonzero(active[chunks])
                 weights = torch.from_numpy(masks[chunks[rows], :, speakers]).to(device)
-                pooled = self._embedding_model.pool(features[torch.from_numpy(rows).to(device)], weights)
+                pooled = self._embedding.pool(features[torch.from_numpy(rows).to(device)], weights)
             embeddings[chunks[rows], speakers] = pooled.cpu().numpy()
         return embeddings
 

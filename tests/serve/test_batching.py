@@ -26,7 +26,9 @@ def test_sixteen_concurrent_requests_share_batches(service, openai_client) -> No
 
     wer = word_error_rate([reference(p) for p in clips], texts)
     assert wer <= 0.15, f"WER {wer:.2f}: {texts}"
-    batches = asr.batch_stats.remote().result()["batches"][before:]
+    stats = asr.batch_stats.remote().result()
+    assert stats["max_batch_size"] == 16  # from user_config, applied by reconfigure()
+    batches = stats["batches"][before:]
     assert sum(b["batch_size"] for b in batches) == CONCURRENT, batches  # one window per clip
     shared = [b for b in batches if b["requests"] >= 2]
     assert shared, f"every batch held a single request: {batches}"

@@ -7,20 +7,16 @@ pipeline's cached segmentation and embeddings, so only clustering runs twice.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from bench.diarization import Recording, file_sets
+from bench.diarization import DATA, Recording, file_sets
 from speech.audio import decode_audio
 from speech.diarization import DiarizationEngine
 from speech.diarization.scoring import der_metric, reference, score
 from speech.errors import AudioError, EmptyAudioError, InvalidOptionError, ModelNotFoundError
 from speech.types import SAMPLE_RATE, SpeakerTurn
-
-DATA = Path("/work/shared/data/speech")
 
 
 @pytest.fixture(scope="module")
