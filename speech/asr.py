@@ -101,7 +101,7 @@ class WhisperEngine:
         device: str = "cpu",
         cache_dir: Path | None = None,
         *,
-        quantize: bool | None = None,
+        quantize: bool = False,
         max_batch_size: int = 32,
         vad: str | None = None,
         vad_params: VadParams | None = None,
@@ -109,7 +109,9 @@ class WhisperEngine:
         self.model_spec = model
         self.device = resolve_device(device)
         self.cache_dir = cache_dir
-        self.quantize = (self.device == "cpu") if quantize is None else quantize
+        # Dynamic int8 scales activations per batch, so a window's text would depend on which
+        # other windows share its batch; results must not, so it is opt-in.
+        self.quantize = bool(quantize)
         self.max_batch_size = max_batch_size
         self.fixed_new_tokens: int | None = None
         """Benchmarks only: decode exactly this many tokens per window, ignoring end of text."""

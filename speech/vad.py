@@ -34,7 +34,7 @@ class VadParams:
     min_silence_s: float = 0.15
     """Silences shorter than this stay inside one speech region. Short, so that regions are
     phrases and windows can be packed close to 30 s: the encoder always pays for 30 s."""
-    pad_s: float = 0.05
+    pad_s: float = 0.1
     """Padding kept around each region so word onsets are not clipped."""
     stream_s: float = 30.0
 

@@ -13,6 +13,7 @@ from speech.types import SAMPLE_RATE
 
 MAX_WINDOW_S = 30.0
 _QUIET_FRAME = SAMPLE_RATE // 10
+_CONTEXT = SAMPLE_RATE  # at most 1 s of surrounding silence kept on each side of a window
 
 
 def _quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:
@@ -45,6 +46,10 @@ def plan_windows(
     is not decoded costs nothing.
     """
     max_len = int(max_window_s * SAMPLE_RATE)
+    if not regions:
+        return []
+    if len(audio) <= max_len:
+        return [(0, len(audio))]  # short input: one window, with all its context
     pieces: list[tuple[int, int]] = []
     for start, end in regions:
         pieces.extend(_split_long(audio, start, end, max_len))
@@ -55,4 +60,21 @@ def plan_windows(
             windows[-1] = (windows[-1][0], end)
         else:
             windows.append((start, end))
-    return windows
+    return _with_context(windows, len(audio), max_len)
+
+
+def _with_context(windows: list[tuple[int, int]], n_samples: int, max_len: int) -> list[tuple[int, int]]:
+    """Widen each window into the silence around it (up to 1 s a side, half of each gap).
+
+    Whisper transcribes the first and last words of a window better with a little silence
+    around them than with the speech cut flush at both ends.
+    """
+    out = []
+    for i, (start, end) in enumerate(windows):
+        prev_end = windows[i - 1][1] if i > 0 else 0
+        next_start = windows[i + 1][0] if i + 1 < len(windows) else n_samples
+        room = max_len - (end - start)
+        left = min(_CONTEXT, (start - prev_end) // 2 if i > 0 else start, room // 2)
+        right = min(_CONTEXT, (next_start - end) // 2 if i + 1 < len(windows) else n_samples - end, room - left)
+        out.append((start - max(0, left), end + max(0, right)))
+    return out

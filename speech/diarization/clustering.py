@@ -1,9 +1,11 @@
 """Grouping (chunk, local speaker) embeddings into speakers.
 
-Why not pyannote's own: offline we have no PLDA, so VBx is out, and a single hand-set
-agglomerative threshold has a cliff (0.6 splits, 0.7 merges, see docs/diarization.md). This keeps
-pyannote's interface (`BaseClustering`: filtering, centroid assignment) and replaces the
-`cluster` step with centroid-linkage AHC whose cut is chosen per file (see `choose_num_clusters`).
+Why not pyannote's own: offline we have no PLDA, so VBx is out, and its agglomerative step
+answers a forced speaker count by taking whatever tree cut has that many clusters, which on
+short meetings splits the dominant voice. This keeps pyannote's interface (`BaseClustering`:
+filtering, constrained centroid assignment) and replaces `cluster`: centroid-linkage AHC at a
+threshold, a forced count cut as near that threshold as possible, and clusters a hint forced
+apart merged back when their voices are too close (figures in docs/diarization.md).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from scipy.spatial.distance import cdist
 class ClusteringParams:
     """Tuned on the dev recordings; the figures that chose them are in docs/diarization.md."""
 
-    threshold: float = 0.6
+    threshold: float = 0.8
     """Centroid-linkage euclidean distance (unit-normalised embeddings) under which clusters merge."""
     min_cluster_size: int = 2
     """Clusters with fewer embeddings are folded into the nearest large one."""
+    forced_split_min: float = 0.7
+    """When a speaker-count hint forces more clusters than the threshold found, clusters whose
+    centroids are closer than this are merged back: a forced split of one voice helps no one."""
     method: str = "centroid"
     """scipy linkage method on unit-normalised embeddings (euclidean)."""
     min_active_ratio: float = 0.2
@@ -58,13 +63,16 @@ class SpeakerClustering(BaseClustering):
         dendrogram = linkage(x, method=self.params.method, metric="euclidean")
         # as pyannote: the threshold is a euclidean distance between unit-normalised centroids
         by_threshold = fcluster(dendrogram, self.params.threshold, criterion="distance") - 1
-        k = num_clusters or _num_large(by_threshold, self._min_size(n))
-        k = int(np.clip(k, min_clusters, max_clusters))
-        clusters = by_threshold if num_clusters is None and k == _num_large(by_threshold, self._min_size(n)) else None
-        if clusters is None:
+        min_size = self._min_size(n)
+        natural = _num_large(by_threshold, min_size)
+        k = int(np.clip(num_clusters or natural, min_clusters, max_clusters))
+        clusters = by_threshold
+        if num_clusters is not None or k != natural:
             near = len(np.unique(by_threshold))
-            clusters = _cut_to_large(dendrogram, k, self._min_size(n), n, near)
-        return _fold_small(x, clusters, self._min_size(n))
+            clusters = _cut_to_large(dendrogram, k, min_size, n, near)
+        clusters = _fold_small(x, clusters, min_size)
+        # a hint may ask for more voices than the embeddings separate: merge those back
+        return _merge_close(x, clusters, self.params.forced_split_min, keep=min(natural, max_clusters))
 
     def _min_size(self, n: int) -> int:
         return min(self.params.min_cluster_size, max(1, round(0.1 * n)))
@@ -79,10 +87,25 @@ def _cut_to_large(dendrogram: np.ndarray, k: int, min_size: int, n: int, near: i
     """The cut of the tree with k clusters of at least min_size items that is closest to the
     threshold's own cut (`near` clusters in all): a forced count should move the threshold as
     little as possible, not take the tree's top split (often one outlier group vs everyone)."""
-    cuts = {total: fcluster(dendrogram, total, criterion="maxclust") - 1 for total in range(1, n + 1)}
+    totals = range(1, min(n, 4 * max(k, near) + 20) + 1)
+    cuts = {total: fcluster(dendrogram, total, criterion="maxclust") - 1 for total in totals}
     large = {total: _num_large(c, min_size) for total, c in cuts.items()}
     best = min(cuts, key=lambda total: (abs(large[total] - k), abs(total - near)))
     return cuts[best]
+
+
+def _merge_close(x: np.ndarray, clusters: np.ndarray, min_distance: float, keep: int) -> np.ndarray:
+    """Merge the closest pair of centroids while closer than min_distance and above `keep` clusters."""
+    while clusters.max() + 1 > keep:
+        centroids = np.vstack([x[clusters == k].mean(0) for k in range(clusters.max() + 1)])
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        d = cdist(centroids, centroids)
+        np.fill_diagonal(d, np.inf)
+        a, b = np.unravel_index(np.argmin(d), d.shape)
+        if d[a, b] >= min_distance:
+            break
+        clusters = np.unique(np.where(clusters == max(a, b), min(a, b), clusters), return_inverse=True)[1]
+    return clusters
 
 
 def _fold_small(x: np.ndarray, clusters: np.ndarray, min_size: int) -> np.ndarray:

@@ -39,7 +39,7 @@ class PipelineParams:
     """Hop between 10 s segmentation windows, as a share of the window (pyannote's default 0.1)."""
     embedding_exclude_overlap: bool = True
     """Pool each speaker's embedding over frames where they speak alone, when there are enough."""
-    min_duration_off: float = 0.0
+    min_duration_off: float = 1.0
     """Gaps shorter than this inside one speaker's speech are filled."""
     embedding_context: str = "block"
     """"chunk": CAM++ sees each 10 s window alone, as pyannote does (each second of audio runs
