@@ -302,7 +302,7 @@ def record_sync_job(
         audio_size=stored_audio.size if stored_audio else None,
     )
     session.add(job)
-    _write_transcript(session, job, transcript)
+    write_transcript(session=session, job=job, transcript=transcript)
     session.flush()
     return job
 
@@ -393,7 +393,7 @@ def _owned_running_job(session: Session, job_id: str, owner: str) -> Job | None:
     )
 
 
-def _write_transcript(session: Session, job: Job, transcript: Transcript) -> None:
+def write_transcript(*, session: Session, job: Job, transcript: Transcript) -> None:
     """Replace (never append to) the job's segments and words."""
     segment_ids = select(SegmentRow.id).where(SegmentRow.job_id == job.id)
     session.execute(delete(WordRow).where(WordRow.segment_id.in_(segment_ids)))
@@ -420,7 +420,7 @@ def complete_job(*, session: Session, job_id: str, owner: str, transcript: Trans
     if job is None:
         session.rollback()
         return False
-    _write_transcript(session, job, transcript)
+    write_transcript(session=session, job=job, transcript=transcript)
     now = utcnow()
     job.status, job.progress, job.finished_at, job.error = "succeeded", 1.0, now, None
     job.lease_owner = job.lease_expires_at = None

@@ -99,5 +99,5 @@ class DbSink:
         job.status = record.status
         session.flush()
         if record.status == "succeeded":
-            repo._write_transcript(session, job, record.transcript())  # noqa: SLF001 - the repository's own writer
+            repo.write_transcript(session=session, job=job, transcript=record.transcript())
         return job.id

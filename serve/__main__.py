@@ -54,10 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or int(http.get("port", 8000))
     app_config = config["applications"][0]
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
     env_vars = dict((app_config.get("runtime_env") or {}).get("env_vars") or {})
     # Replicas must find the same storage and embedded database as this process.
     env_vars.setdefault("STORAGE_BASE_PATH", str(Path(settings.STORAGE_BASE_PATH).resolve()))
@@ -65,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if key:
         print(f"created the local admin API key (shown once, keep it): {key}", flush=True)
     ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": env_vars})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port,
                                   "request_timeout_s": http.get("request_timeout_s")})

@@ -29,7 +29,6 @@ import torch
 
 from speech.alignment import token_timings
 from speech.errors import InvalidOptionError
-from speech.languages import LANGUAGES
 from speech.types import SAMPLE_RATE, Segment, TranscribeOptions, Transcript, Word
 from speech.vad import VadParams, make_vad
 from speech.windowing import MAX_WINDOW_S, plan_windows
@@ -293,6 +292,7 @@ class WhisperEngine:
         groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(windows):
             o = w.options
+            # windows that differ only in word_timestamps still share one decoding batch
             groups.setdefault((o.task, o.language, o.initial_prompt, o.beam_size, o.temperature), []).append(i)
         with self._lock, torch.inference_mode():
             for idx in groups.values():
@@ -365,8 +365,9 @@ class WhisperEngine:
             segments = self._segments(dec, durations[k])
             silent = dec.no_speech_prob > NO_SPEECH_LIMIT and dec.avg_logprob < LOGPROB_LIMIT
             results.append(WindowResult(language=langs[k], segments=[] if silent else segments))
-        if opts.word_timestamps:
-            self._add_word_timestamps(enc, prefixes, results, durations)
+        wanted = [k for k, w in enumerate(windows) if w.options.word_timestamps]
+        if wanted:
+            self._add_word_timestamps(enc, prefixes, results, durations, wanted)
         return results
 
     def _sot_sequence(self, language: str, task: str) -> list[int]:
@@ -576,8 +577,9 @@ class WhisperEngine:
         prefixes: list[list[int]],
         results: list[WindowResult],
         durations: list[float],
+        wanted: list[int],
     ) -> None:
-        rows = [k for k, r in enumerate(results) if r.segments]
+        rows = [k for k in wanted if results[k].segments]
         if not rows or not self.alignment_heads:
             return
         seqs = []
@@ -657,4 +659,4 @@ class WhisperEngine:
         return words
 
 
-__all__ = ["WhisperEngine", "Window", "WindowResult", "LANGUAGES", "resolve_device"]
+__all__ = ["WhisperEngine", "Window", "WindowResult", "resolve_device"]

@@ -49,6 +49,11 @@ class InvalidOptionError(SpeechError, ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Crosses process boundaries (Ray replicas) intact: default pickling would call
+        # __init__ with the message alone.
+        return (type(self), (self.param, str(self)))
+
 
 class ModelNotFoundError(SpeechError):
     code = "model_not_found"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from speech.errors import InvalidOptionError
+from speech.languages import language_name
 from speech.types import Segment, Transcript
 
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json", "tsv", "rttm")
@@ -27,33 +28,6 @@ _MEDIA_TYPES = {
     "tsv": "text/tab-separated-values; charset=utf-8",
     "rttm": "text/plain; charset=utf-8",
 }
-
-# Whisper's language codes and the names OpenAI reports them by (openai-whisper's
-# tokenizer.LANGUAGES; tests check it against transformers' copy). Kept here so that rendering
-# a response never imports transformers.
-LANGUAGE_NAMES = {
-    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
-    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
-    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
-    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
-    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
-    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
-    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
-    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
-    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
-    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
-    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
-    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
-    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
-    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
-    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
-    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
-    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
-    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
-    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
-    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
-}
-
 
 def render(transcript: Transcript, fmt: str, *, file_id: str = "audio") -> str:
     """`transcript` as the body of a response in format `fmt` (one of FORMATS); `file_id`
@@ -73,11 +47,6 @@ def media_type(fmt: str) -> str:
             "response_format", f"unknown response_format {fmt!r}; use one of {', '.join(FORMATS)}"
         )
     return _MEDIA_TYPES[fmt]
-
-
-def language_name(code: str) -> str:
-    """OpenAI reports the language by name ("english"); a name or unknown code passes through."""
-    return LANGUAGE_NAMES.get(code.lower(), code.lower())
 
 
 def _json(t: Transcript, _file_id: str) -> str:

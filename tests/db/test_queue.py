@@ -83,7 +83,7 @@ def test_writing_results_again_replaces_them(backend: str) -> None:  # noqa: F81
     time.sleep(0.1)
     with session_scope() as session:  # an attempt that wrote rows, as if it died right after
         job = repo.get_job(session=session, job_id=job_id, user_id=None)
-        repo._write_transcript(session, job, _transcript(5))
+        repo.write_transcript(session=session, job=job, transcript=_transcript(5))
     _claim("r2")
     assert _complete(job_id, "r2", 2)
     with session_scope() as session:

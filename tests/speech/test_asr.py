@@ -153,3 +153,13 @@ def test_multilingual_model_detects_language_and_translates(base_engine, decode,
     assert word_error_rate([(speech_data_dir / "jfk" / "jfk.txt").read_text()], [detected.text]) <= 0.1
     translated = base_engine.transcribe([audio], TranscribeOptions(task="translate", language="en"))[0]
     assert translated.task == "translate" and "country" in normalize(translated.text)
+
+
+def test_windows_wanting_word_timestamps_get_them_in_a_mixed_batch(tiny_engine, decode, speech_data_dir):
+    audio = decode(speech_data_dir / "jfk" / "jfk.flac")
+    plain, worded = TranscribeOptions(), TranscribeOptions(word_timestamps=True)
+    windows = tiny_engine.split(audio, plain) + tiny_engine.split(audio, worded)
+    results = tiny_engine.transcribe_windows(windows)
+    half = len(windows) // 2
+    assert all(not s.words for r in results[:half] for s in r.segments)
+    assert all(s.words for r in results[half:] for s in r.segments)

@@ -19,7 +19,8 @@ from openai.types.audio import (
 )
 
 from speech.errors import InvalidOptionError
-from speech.formats import FORMATS, LANGUAGE_NAMES, media_type, render
+from speech.formats import FORMATS, media_type, render
+from speech.languages import LANGUAGE_NAMES
 from speech.types import Segment, SpeakerTurn, Transcript, Word
 
 
