@@ -54,6 +54,8 @@ class Window:
     offset_s: float
     options: TranscribeOptions
     index: int = 0
+    speech: tuple[tuple[float, float], ...] = ()
+    """Where the VAD heard speech, in seconds from the window start (word onsets snap to it)."""
 
     @property
     def duration_s(self) -> float:
@@ -66,6 +68,8 @@ class WindowResult:
 
     language: str
     segments: list[Segment] = field(default_factory=list)
+    token_probs: list[list[float]] = field(default_factory=list, repr=False)
+    """Per segment, the probability of each of its text tokens (for word probabilities)."""
 
 
 @dataclass
@@ -83,6 +87,28 @@ class _Decoded:
 def _compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / len(gzip.compress(data)) if data else 0.0
+
+
+def _speech_within(regions: Sequence[tuple[int, int]], start: int, end: int) -> tuple[tuple[float, float], ...]:
+    """The VAD regions overlapping [start, end), clipped, in seconds from `start`."""
+    return tuple(
+        ((max(s, start) - start) / SAMPLE_RATE, (min(e, end) - start) / SAMPLE_RATE)
+        for s, e in regions
+        if e > start and s < end
+    )
+
+
+_SENTENCE_END = tuple(".。!！?？")
+_END_SLACK_S = 0.2
+
+
+def _snap_onset_to_speech(word: Word, speech: Sequence[tuple[float, float]]) -> None:
+    """Move a word's onset out of silence to where the speech it belongs to begins."""
+    if not speech or any(s <= word.start < e for s, e in speech):
+        return
+    later = [s for s, _ in speech if word.start < s < word.end]
+    if later:
+        word.start = later[-1]
 
 
 def resolve_device(device: str) -> str:
@@ -226,7 +252,8 @@ class WhisperEngine:
         regions = self.vad.speech_regions(audio)
         spans = plan_windows(audio, regions, MAX_WINDOW_S)
         return [
-            Window(audio[s:e], s / SAMPLE_RATE, options, i) for i, (s, e) in enumerate(spans)
+            Window(audio[s:e], s / SAMPLE_RATE, options, i, _speech_within(regions, s, e))
+            for i, (s, e) in enumerate(spans)
         ]
 
     def transcribe(
@@ -362,12 +389,13 @@ class WhisperEngine:
                 decoded = self._fallback(enc, prefixes, prompt, durations, decoded, opts.temperature)
         results = []
         for k, dec in enumerate(decoded):
-            segments = self._segments(dec, durations[k])
-            silent = dec.no_speech_prob > NO_SPEECH_LIMIT and dec.avg_logprob < LOGPROB_LIMIT
-            results.append(WindowResult(language=langs[k], segments=[] if silent else segments))
+            segments, probs = self._segments(dec, durations[k])
+            if dec.no_speech_prob > NO_SPEECH_LIMIT and dec.avg_logprob < LOGPROB_LIMIT:
+                segments, probs = [], []  # silence the model would fill with invented text
+            results.append(WindowResult(language=langs[k], segments=segments, token_probs=probs))
         wanted = [k for k, w in enumerate(windows) if w.options.word_timestamps]
         if wanted:
-            self._add_word_timestamps(enc, prefixes, results, durations, wanted)
+            self._add_word_timestamps(enc, prefixes, results, windows, wanted)
         return results
 
     def _sot_sequence(self, language: str, task: str) -> list[int]:
@@ -530,18 +558,22 @@ class WhisperEngine:
             out.append(_Decoded(tokens=toks, logprobs=[], no_speech_prob=0.0, temperature=0.0))
         return out
 
-    def _segments(self, dec: _Decoded, duration: float) -> list[Segment]:
-        """Split a window's tokens at timestamp tokens into segments (times relative)."""
+    def _segments(self, dec: _Decoded, duration: float) -> tuple[list[Segment], list[list[float]]]:
+        """Split a window's tokens at timestamp tokens into segments (times relative), with
+        the probability of each segment's text tokens."""
         tb = self.timestamp_begin
         segments: list[Segment] = []
+        probs: list[list[float]] = []
         text_tokens: list[int] = []
+        text_probs: list[float] = []
         start: float | None = None
         cr = _compression_ratio(self.tokenizer.decode(self._text_tokens(dec.tokens)))
 
         def close(end: float) -> None:
-            nonlocal text_tokens, start
+            nonlocal text_tokens, text_probs, start
             text = self.tokenizer.decode(text_tokens)
             if text.strip():
+                probs.append(list(text_probs))
                 s = 0.0 if start is None else start
                 segments.append(
                     Segment(
@@ -556,9 +588,9 @@ class WhisperEngine:
                         temperature=dec.temperature,
                     )
                 )
-            text_tokens, start = [], None
+            text_tokens, text_probs, start = [], [], None
 
-        for t in dec.tokens:
+        for i, t in enumerate(dec.tokens):
             if t >= tb:
                 ts = (t - tb) * TIME_PRECISION
                 if text_tokens:
@@ -566,9 +598,10 @@ class WhisperEngine:
                 start = ts
             elif t < self.eot:
                 text_tokens.append(t)
+                text_probs.append(float(np.exp(dec.logprobs[i])) if i < len(dec.logprobs) else 1.0)
         if text_tokens:
             close(duration)
-        return segments
+        return segments, probs
 
     # ----------------------------------------------------------- word timestamps
     def _add_word_timestamps(
@@ -576,7 +609,7 @@ class WhisperEngine:
         enc: torch.Tensor,
         prefixes: list[list[int]],
         results: list[WindowResult],
-        durations: list[float],
+        windows: list[Window],
         wanted: list[int],
     ) -> None:
         rows = [k for k in wanted if results[k].segments]
@@ -590,9 +623,9 @@ class WhisperEngine:
         for j, k in enumerate(rows):
             n_seq = len(seqs[j])
             n_text = n_seq - len(prefixes[k]) - 2
-            n_frames = min(1500, int(round(durations[k] / TIME_PRECISION)) + 1)
+            n_frames = min(1500, int(round(windows[k].duration_s / TIME_PRECISION)) + 1)
             timings = token_timings(attn[j, :, :n_seq], n_text, max(n_frames, 2))
-            self._assign_words(results[k].segments, timings)
+            self._assign_words(results[k], timings, windows[k].speech)
 
     def _alignment_attention(self, enc: torch.Tensor, seqs: list[list[int]]) -> np.ndarray:
         """Cross-attention of the alignment heads, (batch, heads, tokens, frames), teacher forced."""
@@ -626,21 +659,56 @@ class WhisperEngine:
         stacked = torch.stack([captured[layer][:, head] for layer, head in self.alignment_heads], dim=1)
         return stacked.cpu().numpy()
 
-    def _assign_words(self, segments: list[Segment], timings) -> None:
-        """Group each segment's tokens into words and give each its aligned start/end."""
+    def _assign_words(self, result: WindowResult, timings, speech: Sequence[tuple[float, float]]) -> None:
+        """Group each segment's tokens into words, time them, and tidy the times.
+
+        DTW puts the first token of a window at frame 0 and lets words swallow the pauses
+        around them; as openai-whisper does, over-long words are trimmed to twice the median
+        word duration and segment timestamps win where the words are implausible; then onsets
+        that still fall in silence the VAD heard move to where the speech starts.
+        """
         k = 0
-        for seg in segments:
+        all_words: list[list[Word]] = []
+        for seg, probs in zip(result.segments, result.token_probs or [[]] * len(result.segments), strict=True):
             words: list[Word] = []
+            local = 0
             for word_text, n_tok in self._split_words(seg.tokens):
                 t0, t1 = timings[k], timings[k + n_tok - 1]
-                words.append(Word(start=t0.start, end=max(t1.end, t0.start), word=word_text))
+                p = probs[local : local + n_tok]
+                words.append(
+                    Word(start=t0.start, end=max(t1.end, t0.start), word=word_text,
+                         probability=round(float(np.mean(p)) if p else 1.0, 4))
+                )
                 k += n_tok
-            if words:
-                # segment bounds follow the words they contain, within what the segment claimed
-                words[0].start = max(words[0].start, min(seg.start, words[0].end))
-                seg.words = words
-                seg.start = min(seg.start, words[0].start) if seg.start > words[0].end else words[0].start
-                seg.end = max(words[-1].end, seg.start)
+                local += n_tok
+            all_words.append(words)
+        durations = [w.end - w.start for ws in all_words for w in ws if w.end > w.start]
+        median = min(0.7, float(np.median(durations))) if durations else 0.0
+        longest = 2 * median
+        for seg, words in zip(result.segments, all_words, strict=True):
+            if not words:
+                continue
+            for i, w in enumerate(words):
+                if longest > 0 and w.end - w.start > longest:
+                    if w.word.rstrip().endswith(_SENTENCE_END):
+                        w.end = w.start + longest
+                    elif i > 0 and words[i - 1].word.rstrip().endswith(_SENTENCE_END):
+                        w.start = w.end - longest
+            if longest > 0 and words[0].end - words[0].start > longest:
+                words[0].start = max(0.0, words[0].end - longest)
+            if seg.start < words[0].end and seg.start - 0.5 > words[0].start:
+                words[0].start = max(0.0, min(words[0].end - median, seg.start))
+            else:
+                seg.start = words[0].start
+            # the closing timestamp token beats a last word stretched into the following pause
+            if seg.end > words[-1].start and seg.end + _END_SLACK_S < words[-1].end:
+                words[-1].end = max(words[-1].start + median, seg.end)
+            else:
+                seg.end = words[-1].end
+            for w in words:
+                _snap_onset_to_speech(w, speech)
+            seg.start, seg.end = words[0].start, max(seg.end, words[-1].end)
+            seg.words = words
 
     def _split_words(self, tokens: list[int]) -> list[tuple[str, int]]:
         """Words as (text, token count); a word starts at a token with a leading space."""
