@@ -4,8 +4,9 @@ Why not pyannote's own: offline we have no PLDA, so VBx is out, and its agglomer
 answers a forced speaker count by taking whatever tree cut has that many clusters, which on
 short meetings splits the dominant voice. This keeps pyannote's interface (`BaseClustering`:
 filtering, constrained centroid assignment) and replaces `cluster`: centroid-linkage AHC at a
-threshold, a forced count cut as near that threshold as possible, and clusters a hint forced
-apart merged back when their voices are too close (figures in docs/diarization.md).
+threshold chosen per file at the widest gap of the dendrogram inside a fixed range, a forced
+count cut as near that threshold as possible, and clusters a hint forced apart merged back when
+their voices are too close (figures in docs/diarization.md).
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ class ClusteringParams:
     """Tuned on the dev recordings; the figures that chose them are in docs/diarization.md."""
 
     threshold: float = 0.8
-    """Centroid-linkage euclidean distance (unit-normalised embeddings) under which clusters merge."""
+    """Centroid-linkage euclidean distance (unit-normalised embeddings) under which clusters merge,
+    when no merge height of the file's dendrogram falls inside `threshold_range`."""
+    threshold_range: tuple[float, float] = (0.7, 1.0)
+    """The threshold is set per file in the middle of the widest gap between consecutive merge
+    heights inside this range: one global value splits a voice on one meeting and merges two on
+    another (the 0.6/0.7 cliff); the gap is where this file's voices separate."""
     min_cluster_size: int = 2
     """Clusters with fewer embeddings are folded into the nearest large one."""
-    forced_split_min: float = 0.7
+    forced_split_min: float = 0.8
     """When a speaker-count hint forces more clusters than the threshold found, clusters whose
     centroids are closer than this are merged back: a forced split of one voice helps no one."""
     method: str = "centroid"
@@ -62,7 +68,8 @@ class SpeakerClustering(BaseClustering):
         x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
         dendrogram = linkage(x, method=self.params.method, metric="euclidean")
         # as pyannote: the threshold is a euclidean distance between unit-normalised centroids
-        by_threshold = fcluster(dendrogram, self.params.threshold, criterion="distance") - 1
+        threshold = widest_gap_threshold(dendrogram[:, 2], self.params.threshold_range, self.params.threshold)
+        by_threshold = fcluster(dendrogram, threshold, criterion="distance") - 1
         min_size = self._min_size(n)
         natural = _num_large(by_threshold, min_size)
         k = int(np.clip(num_clusters or natural, min_clusters, max_clusters))
@@ -76,6 +83,21 @@ class SpeakerClustering(BaseClustering):
 
     def _min_size(self, n: int) -> int:
         return min(self.params.min_cluster_size, max(1, round(0.1 * n)))
+
+
+def widest_gap_threshold(heights: np.ndarray, bounds: tuple[float, float], default: float) -> float:
+    """Middle of the widest gap between consecutive merge heights, clipped to `bounds`;
+    `default` when no gap overlaps the bounds (all merges far below or above them)."""
+    lo, hi = bounds
+    h = np.append(np.sort(heights)[::-1], 0.0)
+    best, threshold = -1.0, default
+    for upper, lower in zip(h[:-1], h[1:]):
+        if lower >= hi or upper <= lo:
+            continue
+        top, bottom = min(upper, hi), max(lower, lo)
+        if top - bottom > best:
+            best, threshold = top - bottom, (top + bottom) / 2
+    return float(threshold)
 
 
 def _num_large(clusters: np.ndarray, min_size: int) -> int:

@@ -8,7 +8,10 @@ reconstruction). What changes:
   waveform and a different mask; CAM++'s masks only enter at pooling, so we run the backbone
   once per chunk (batched) and pool once per active speaker: a third of the work, same numbers;
 - a small cache of (segmentation, embeddings) per audio, so asking again with other speaker
-  hints only re-runs clustering.
+  hints only re-runs clustering;
+- the instantaneous speaker count: pyannote rounds the share of overlapping windows that hear
+  each speaker with `np.rint` (half to even: 0.5 -> 0, 2.5 -> 2); we count speech from
+  `speech_onset` and round overlap half up (figures in docs/diarization.md).
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ class PipelineParams:
     """Hop between 10 s segmentation windows, as a share of the window (pyannote's default 0.1)."""
     embedding_exclude_overlap: bool = True
     """Pool each speaker's embedding over frames where they speak alone, when there are enough."""
-    min_duration_off: float = 1.0
+    min_duration_off: float = 1.25
     """Gaps shorter than this inside one speaker's speech are filled."""
+    speech_onset: float = 0.4
+    """A frame has at least one speaker when this share of the windows covering it hear one
+    (pyannote: more than half). The windows disagree most at turn edges and short turns."""
     embedding_context: str = "block"
     """"chunk": CAM++ sees each 10 s window alone, as pyannote does (each second of audio runs
     through the backbone 1/segmentation_step times); "block": the backbone runs once over the file
@@ -94,6 +100,19 @@ class OfflineSpeakerDiarization(SpeakerDiarization):
         self.timings: dict[str, float] = {}
         """Seconds of the last call's model steps (0 when served from the cache), for bench/."""
         self.instantiate({"segmentation": {"min_duration_off": params.min_duration_off}})
+
+    def speaker_count(  # type: ignore[override]
+        self, binarized_segmentations: SlidingWindowFeature, frames: Any, warm_up: tuple[float, float] = (0.1, 0.1)
+    ) -> SlidingWindowFeature:
+        """Frame-level speaker count: speech from `speech_onset`, overlap rounded half up."""
+        trimmed = Inference.trim(binarized_segmentations, warm_up=warm_up)
+        count = Inference.aggregate(
+            np.sum(trimmed, axis=-1, keepdims=True), frames, hamming=False, missing=0.0, skip_average=False
+        )
+        mean = count.data
+        speakers = np.where(mean >= 1.0, np.floor(mean + 0.5), mean >= self.params.speech_onset)
+        count.data = speakers.astype(np.uint8)
+        return count
 
     def to(self, device: torch.device) -> OfflineSpeakerDiarization:
         self._segmentation.to(device)
