@@ -49,3 +49,20 @@ def test_options_the_model_refuses_exit_2_before_any_decoding(speech_data_dir, t
     code = main(["transcribe", str(speech_data_dir / "jfk" / "jfk.flac"), "--task", "translate", "--quiet"])
     assert code == 2
     assert "translate" in capsys.readouterr().err
+
+
+def test_diarize_labels_speakers_in_rttm(speech_data_dir, tiny_en_model_dir, capsys):
+    """The two-person call, transcribed and diarized in one command, two speakers in RTTM."""
+    code = main(["transcribe", str(speech_data_dir / "pyannote_sample" / "sample.wav"), "--diarize",
+                 "--format", "rttm", "--quiet"])
+    assert code == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("SPEAKER")]
+    assert lines and {line[7] for line in lines} == {"SPEAKER_00", "SPEAKER_01"}
+    assert all(float(line[4]) > 0 for line in lines)
+
+
+def test_bad_speaker_hints_exit_2(speech_data_dir, tiny_en_model_dir, capsys):
+    code = main(["transcribe", str(speech_data_dir / "jfk" / "jfk.flac"), "--diarize",
+                 "--min-speakers", "3", "--max-speakers", "2", "--quiet"])
+    assert code == 2
+    assert "min_speakers" in capsys.readouterr().err
