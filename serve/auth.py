@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from config.settings import get_settings
 from db import repository as repo
 from db.models import User
-from db.session import get_sessionmaker
+from db.session import get_sessionmaker, session_scope
 from serve.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,8 @@ def create_key_for(*, session: Session, user: User, name: str = "") -> tuple[str
 
 def db_session():  # type: ignore[no-untyped-def]
     """FastAPI dependency: one session per request, committed when the handler returns normally."""
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(db_session)]
