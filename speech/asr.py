@@ -169,13 +169,11 @@ class WhisperEngine:
             return
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        from speech.model_store import resolve_whisper_model
+        from speech.model_store import DEFAULT_CACHE_DIR, resolve_whisper_model
 
         t0 = time.perf_counter()
         if self.cache_dir is None:
-            from config.settings import get_settings
-
-            self.cache_dir = get_settings().MODEL_CACHE_DIR
+            self.cache_dir = DEFAULT_CACHE_DIR
         path = resolve_whisper_model(self.model_spec, Path(self.cache_dir))
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         model = WhisperForConditionalGeneration.from_pretrained(
