@@ -47,7 +47,8 @@ def test_windows_never_exceed_30_s_and_cut_only_in_gaps():
     windows = plan_windows(audio, regions)
     assert all(e - s <= 30 * SR for s, e in windows)
     cut_points = {s for s, _ in windows} | {e for _, e in windows}
-    assert cut_points <= {p for r in regions for p in r}
+    # windows end in silence: no cut falls inside a stretch of speech
+    assert not any(s < p < e for p in cut_points for s, e in regions)
     covered = sum(e - s for s, e in windows)
     assert covered >= sum(e - s for s, e in regions)
 
