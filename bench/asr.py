@@ -27,10 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "speech"
-LONG = DATA / "concat_throughput" / "librispeech_tc100_concat_16k.flac"
-SEGMENTS = LONG.with_suffix(".segments.tsv")
-SR = 16_000
+from bench.data import DATA, LONG, SEGMENTS, SR  # noqa: E402
 
 
 def _long_audio(minutes: float):
