@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if key:
         print(f"created the local admin API key (shown once, keep it): {key}", flush=True)
     ray.init(address="local", num_cpus=args.num_cpus, runtime_env={"env_vars": env_vars})
+    # Where operators (and the reliability tests) attach: `ray status --address ...`.
+    print(f"ray cluster: {ray.get_runtime_context().gcs_address}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
