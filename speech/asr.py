@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import gzip
 import logging
+import struct
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -91,6 +93,9 @@ def _compression_ratio(text: str) -> float:
 
 MAX_SKIP_RETRIES = 2
 MIN_WORDS_PER_SPEECH_S = 0.8
+MIN_GAP_SPEECH_S = 1.5
+"""Speech between two segments that no segment covers, past which it is decoded again."""
+GAP_PAD_S = 0.2
 """Below this a segment's text cannot be all that was said (read speech runs ~2.5 words/s)."""
 
 
@@ -103,6 +108,41 @@ def _skip_point(seg: Segment, speech: Sequence[tuple[float, float]]) -> float | 
     said_until = seg.start + words / 2.5  # time the words that were produced could take
     later = [a for a, _ in speech if said_until <= a < seg.end - 1.0]
     return later[0] if later else None
+
+
+def _skipped_gaps(segments: Sequence[Segment], speech: Sequence[tuple[float, float]],
+                  duration_s: float) -> list[tuple[int, float, float]]:
+    """Stretches between segments (and after the last) that hold speech no segment covers:
+    (index to insert before, start, end), trimmed to that speech with a little padding."""
+    if not segments:
+        return []  # the no-speech guard or the model judged the whole window silent: trust it
+    gaps = []
+    bounds = [s.start for s in segments[1:]] + [duration_s]
+    for i, (seg, nxt) in enumerate(zip(segments, bounds, strict=True)):
+        inside = [(max(a, seg.end), min(b, nxt)) for a, b in speech if b > seg.end and a < nxt]
+        inside = [(a, b) for a, b in inside if b > a]
+        if sum(b - a for a, b in inside) < MIN_GAP_SPEECH_S:
+            continue
+        start = max(seg.end, inside[0][0] - GAP_PAD_S)
+        end = min(nxt, inside[-1][1] + GAP_PAD_S)
+        gaps.append((i + 1, start, end))
+    return gaps
+
+
+def _window_seed(encoded: torch.Tensor, temperature: float) -> int:
+    """A seed that depends only on what the window holds and the sampling temperature."""
+    first = encoded[0].detach().float().cpu().numpy().tobytes()
+    return zlib.crc32(first + struct.pack("<d", temperature)) * 1_000_003
+
+
+def _seeded_sample(probs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """One token per row, drawn with that row's own seed (batch composition does not matter)."""
+    gen = torch.Generator(device=probs.device)
+    out = torch.empty(len(seeds), dtype=torch.long, device=probs.device)
+    for j, seed in enumerate(seeds):
+        gen.manual_seed(seed % (2**63))
+        out[j] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    return out
 
 
 def _speech_within(regions: Sequence[tuple[int, int]], start: int, end: int) -> tuple[tuple[float, float], ...]:
@@ -431,32 +471,49 @@ class WhisperEngine:
         """Decode again what a window's text skipped over.
 
         Small models sometimes close a segment with a timestamp far ahead of what they said
-        ("<|0.00|> of many questions.<|19.16|>" over 19 s of speech), silently dropping the
-        rest; sequential Whisper recovers by seeking to its last timestamp, batched windows
-        cannot. A segment with far fewer words than its speech could hold is cut where its
-        text plausibly ends (the next pause the VAD heard) and the rest becomes a new window,
-        decoded in one batch with all others like it.
+        ("<|0.00|> of many questions.<|19.16|>" over 19 s of speech), or open the next segment
+        seconds after the last one ended with speech in between, silently dropping it;
+        sequential Whisper recovers by seeking to its last timestamp, batched windows cannot.
+        So: a segment with far fewer words than its speech could hold is cut where its text
+        plausibly ends (the next pause the VAD heard), and a stretch of uncovered speech between
+        segments is cut out; each becomes a new window, decoded in one batch with all others
+        like it, and its segments are put back in place.
         """
-        retries: list[tuple[int, int, float, Window]] = []
+        # (window, insert before segment, segment to end at the cut or -1, cut, new window)
+        retries: list[tuple[int, int, int, float, Window]] = []
         for k, (window, result) in enumerate(zip(windows, results, strict=True)):
             for i, seg in enumerate(result.segments):
                 cut = _skip_point(seg, window.speech)
-                if cut is None:
-                    continue
-                start, end = int(cut * SAMPLE_RATE), int(seg.end * SAMPLE_RATE)
-                speech = tuple((max(0.0, a - cut), b - cut) for a, b in window.speech if b > cut and a < seg.end)
-                retries.append((k, i, cut, Window(window.samples[start:end], window.offset_s + cut, window.options, window.index, speech)))
-                break  # one retry per window and round; its tail is re-checked in the next round
+                if cut is not None:
+                    # one per window and round; its tail is re-checked in the next round
+                    retries.append((k, i + 1, i, cut, self._sub_window(window, cut, seg.end)))
+                    break
+            for at, start, end in _skipped_gaps(result.segments, window.speech, window.duration_s):
+                retries.append((k, at, -1, start, self._sub_window(window, start, end)))
         if not retries:
             return
         redone = self._transcribe_group([w for *_, w in retries], depth + 1)
-        for (k, i, cut, _), extra in zip(retries, redone, strict=True):
-            result = results[k]
-            seg = result.segments[i]
-            seg.end = min(seg.end, cut)
+        # Insert from the back of each window so earlier insertion points stay valid; where a
+        # cut segment's tail and the gap after it go in at one place, the gap goes in first.
+        order = sorted(range(len(retries)),
+                       key=lambda j: (retries[j][0], retries[j][1], retries[j][2] < 0), reverse=True)
+        for j in order:
+            k, at, trimmed, cut, _ = retries[j]
+            result, extra = results[k], redone[j]
+            if trimmed >= 0:
+                result.segments[trimmed].end = min(result.segments[trimmed].end, cut)
             later = [replace(s, start=s.start + cut, end=s.end + cut) for s in extra.segments]
-            result.segments[i + 1 : i + 1] = later
-            result.token_probs[i + 1 : i + 1] = extra.token_probs
+            result.segments[at:at] = later
+            result.token_probs[at:at] = extra.token_probs
+
+    @staticmethod
+    def _sub_window(window: Window, start_s: float, end_s: float) -> Window:
+        """The part [start_s, end_s) of `window` as a window of its own."""
+        start, end = int(start_s * SAMPLE_RATE), int(end_s * SAMPLE_RATE)
+        speech = tuple((max(0.0, a - start_s), min(b, end_s) - start_s)
+                       for a, b in window.speech if b > start_s and a < end_s)
+        return Window(window.samples[start:end], window.offset_s + start_s, window.options,
+                      window.index, speech)
 
     def _sot_sequence(self, language: str, task: str) -> list[int]:
         if not self.is_multilingual:
@@ -526,6 +583,9 @@ class WhisperEngine:
         )
         too_late = vocab_idx[None, :] > last_ts[:, None]
 
+        # Sampling (temperature fallback) is seeded per window from its encoder output, so a
+        # window gets the same text whatever its batch-mates and however often it is sent.
+        row_seeds = [_window_seed(enc[k], temperature) for k in range(batch)] if temperature > 0 else []
         n_steps = self.fixed_new_tokens or MAX_NEW_TOKENS
         if self.fixed_new_tokens:
             suppress[self.eot] = begin_suppress[self.eot] = True
@@ -566,7 +626,7 @@ class WhisperEngine:
             scores = torch.where(stuck, logits, scores)
             if temperature > 0:
                 probs = torch.softmax(scores / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1).squeeze(1)
+                nxt = _seeded_sample(probs, [row_seeds[r] + step for r in active.tolist()])
             else:
                 nxt = scores.argmax(dim=-1)
             tok_lp = torch.log_softmax(scores, dim=-1).gather(1, nxt[:, None]).squeeze(1)
