@@ -79,11 +79,6 @@ def test_windows_of_many_inputs_batched_equal_each_alone(tiny_engine, decode, sp
     ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 8 (open): the 54-minute file keeps 93% of the per-utterance words (target 95%); "
-    "the first 10 minutes keep 97% since skipped-speech recovery, the loss elsewhere is not yet traced",
-)
 def test_long_form_loses_no_window(tiny_engine, decode, speech_data_dir):
     """The 54-minute file in one call against its 251 utterances transcribed one by one."""
     long_file = speech_data_dir / "concat_throughput" / "librispeech_tc100_concat_16k.flac"
