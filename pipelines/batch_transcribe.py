@@ -225,6 +225,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         actors = cfg.actors or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus > 0 else 1)
         batch_windows = cfg.batch_windows or (32 if device == "cuda" else 8)
         threads = cfg.threads_per_actor or (None if device == "cuda" else max(1, int(resources.get("CPU", 1)) // actors))
+        actor_cpus = _actor_cpus(resources.get("CPU", 1.0), actors, pools=2 if cfg.diarize else 1, gpus=gpus)
         print(f"batch: {len(paths)} files ({len(done)} known done), model {model} on {device}, "
               f"{actors} Whisper actor(s) x {gpus:g} GPU, {batch_windows} windows per batch", file=out, flush=True)
         if sink:
@@ -244,13 +245,13 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         if cfg.diarize:
             ds = ds.map_batches(
                 stages.DiarizeStage, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-                num_gpus=gpus / 2 if gpus else 0, num_cpus=1 if not gpus else 0.5,
+                num_gpus=gpus / 2 if gpus else 0, num_cpus=actor_cpus,
                 fn_constructor_kwargs={"spec": settings.DIARIZATION_MODEL_PATH, "device": device,
                                        "hf_token": settings.HF_TOKEN, "hints": cfg.hints(), "threads": threads})
             ds = ds.map_batches(stages.split_files, batch_size=1, num_cpus=DECODE_CPUS, batch_format="numpy", fn_kwargs=common)
         ds = ds.map_batches(
             stages.WhisperStage, batch_size=batch_windows, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-            num_gpus=(gpus / 2 if cfg.diarize else gpus) if gpus else None, num_cpus=1 if not gpus else 0.5,
+            num_gpus=(gpus / 2 if cfg.diarize else gpus) if gpus else None, num_cpus=actor_cpus,
             fn_constructor_kwargs={"model": model, "device": device, "cache_dir": str(settings.MODEL_CACHE_DIR),
                                    "batch_windows": batch_windows, "options": options, "threads": threads})
 
@@ -298,6 +299,19 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
             ray.shutdown()
     print(summary.table(), file=out, flush=True)
     return summary
+
+
+def _actor_cpus(cpus: float, actors: int, *, pools: int, gpus: float) -> float:
+    """Logical CPUs per actor: 0.5 beside a GPU; on CPU one each, less where the actor pools
+    would otherwise take every CPU of the cluster and leave none for the decode (and split)
+    tasks that feed them, which then never run (e.g. --diarize on 2 CPUs: two pools of 1)."""
+    if gpus:
+        return 0.5
+    share = (cpus - DECODE_CPUS) / (pools * actors)
+    if share < 0.1:
+        raise UsageError(f"the cluster's {cpus:g} CPUs cannot hold {pools * actors} actor(s) and a "
+                         f"decode task; give fewer --actors or more CPUs")
+    return min(1.0, share)
 
 
 def _progress(s: Summary, elapsed: float, in_flight: int, out) -> None:  # noqa: ANN001

@@ -32,7 +32,7 @@ FILE_ROW = -1
 COLUMNS: dict[str, Any] = {
     "path": "", "sha256": "", "size": 0, "status": "ok", "error": "", "error_code": "",
     "duration_s": 0.0, "n_windows": 0, "window_index": FILE_ROW, "offset_s": 0.0, "n_samples": 0,
-    "samples": b"", "turns": "", "result": "",
+    "samples": b"", "speech": "", "turns": "", "result": "",
 }
 """Every row has every column; the value here is what a row that does not use it holds."""
 
@@ -136,26 +136,41 @@ def _splitter(model: str, device: str):  # type: ignore[no-untyped-def]
     return engine
 
 
-def split_windows(audio: np.ndarray, model: str, device: str) -> list[tuple[int, int]]:
-    """`WhisperEngine.split`'s cut, without loading the model: (start, end) sample spans."""
+def _plan(audio: np.ndarray, model: str, device: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The VAD's speech regions and `WhisperEngine.split`'s windows, in samples."""
     from speech.windowing import MAX_WINDOW_S, plan_windows
 
     engine = _splitter(model, device)
-    return plan_windows(audio, engine.vad.speech_regions(audio), MAX_WINDOW_S)
+    regions = engine.vad.speech_regions(audio)
+    return regions, plan_windows(audio, regions, MAX_WINDOW_S)
+
+
+def split_windows(audio: np.ndarray, model: str, device: str) -> list[tuple[int, int]]:
+    """`WhisperEngine.split`'s cut, without loading the model: (start, end) sample spans."""
+    return _plan(audio, model, device)[1]
 
 
 def window_rows(
     row: dict[str, Any], audio: np.ndarray, options: TranscribeOptions, *, model: str, device: str
 ) -> list[dict[str, Any]]:
-    spans = split_windows(audio, model, device)
+    """One row per window, as `WhisperEngine.split` makes them: the samples, the offset and the
+    speech the VAD heard in the window (`Window.speech`: the engine snaps word onsets to it and
+    decodes again what a segment skipped over, so without it the text and times differ)."""
+    from speech.asr import _speech_within
+
+    regions, spans = _plan(audio, model, device)
     base = {**row, "n_windows": len(spans), "samples": b"", "n_samples": 0}
     if not spans:
         return [{**base, "window_index": FILE_ROW}]  # no speech: an empty transcript, no model time
     return [
         {**base, "window_index": i, "offset_s": s / SAMPLE_RATE, "n_samples": e - s,
-         "samples": audio[s:e].tobytes()}
+         "samples": audio[s:e].tobytes(), "speech": json.dumps(_speech_within(regions, s, e))}
         for i, (s, e) in enumerate(spans)
     ]
+
+
+def speech_from_json(text: str) -> tuple[tuple[float, float], ...]:
+    return tuple((a, b) for a, b in json.loads(text)) if text else ()
 
 
 # ---------------------------------------------------------------------------- transcription
@@ -195,7 +210,8 @@ class WhisperStage:
         work = [r for r in rows if r["status"] == "ok" and r["window_index"] != FILE_ROW]
         if work:
             windows = [
-                Window(np.frombuffer(r["samples"], dtype=np.float32), r["offset_s"], self.options, r["window_index"])
+                Window(np.frombuffer(r["samples"], dtype=np.float32), r["offset_s"], self.options, r["window_index"],
+                       speech_from_json(r["speech"]))
                 for r in work
             ]
             try:
@@ -207,7 +223,7 @@ class WhisperStage:
                 for r in work:
                     r.update(failure(r, exc))
         for r in rows:
-            r["samples"] = b""
+            r["samples"], r["speech"] = b"", ""
         return to_columns(rows)
 
 
