@@ -21,97 +21,25 @@ import shutil
 import socket
 import tempfile
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "speech"
-JFK = DATA / "jfk" / "jfk.flac"
-SHORT_CLIPS = [*sorted((DATA / "pocketsphinx" / "librivox").glob("*.wav")),
-               DATA / "lhotse_fixtures" / "2412-153948-0000.flac",
-               DATA / "picovoice_leopard" / "test.wav", JFK]
-"""Real speech of 3-12 s with references (LibriVox, LibriSpeech, JFK)."""
 
-
-@dataclass
-class Level:
-    clients: int
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    audio_s: float = 0.0
-    statuses: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> int:
-        return self.statuses.get(200, 0)
-
-    def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-    def line(self, name: str) -> str:
-        errors = {k: v for k, v in self.statuses.items() if k != 200}
-        return (f"{name:>14} {self.ok / self.seconds:8.2f} req/s {self.audio_s / self.seconds:8.2f} "
-                f"audio-s/s  p50 {self.pct(0.5):6.2f} s  p95 {self.pct(0.95):6.2f} s  "
-                f"p99 {self.pct(0.99):6.2f} s  errors {errors or 0}")
-
-
-def durations() -> dict[Path, float]:
-    from speech.audio import audio_duration_s, decode_audio
-
-    return {p: audio_duration_s(decode_audio(p)) for p in SHORT_CLIPS}
-
+from bench.loadgen import JFK, SHORT_CLIPS, Level, durations  # noqa: E402
+from bench.loadgen import drive as _drive  # noqa: E402
 
 HEADERS: dict[str, str] = {}
 
 
 def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
-    """`clients` threads, each sending clips back to back until the time is up."""
-    level = Level(clients)
-    lock = threading.Lock()
-    payloads = {p: p.read_bytes() for p in clips}
-    deadline = time.monotonic() + seconds
-
-    def client(k: int) -> None:
-        i = k
-        with httpx.Client(timeout=600, headers=HEADERS) as http:
-            while time.monotonic() < deadline:
-                path = clips[i % len(clips)]
-                i += 1
-                t0 = time.monotonic()
-                try:
-                    r = http.post(url + "/v1/audio/transcriptions", data={"model": "whisper-1"},
-                                  files={"file": (path.name, payloads[path])})
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = -1
-                elapsed = time.monotonic() - t0
-                with lock:
-                    level.statuses[status] = level.statuses.get(status, 0) + 1
-                    if status == 200:
-                        level.latencies.append(elapsed)
-                        level.audio_s += dur[path]
-                if status == 503:
-                    time.sleep(0.2)
-
-    start = time.monotonic()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    level.seconds = time.monotonic() - start  # includes the tail of requests started in time
-    return level
+    """`clients` concurrent clients (bench/loadgen.py), each sending clips back to back."""
+    return _drive(url, clients, seconds, clips, dur, headers=dict(HEADERS))
 
 
 def engine_alone(seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
@@ -142,7 +70,7 @@ def engine_alone(seconds: float, clips: list[Path], dur: dict[Path, float]) -> L
         engine.transcribe([audio[path]], TranscribeOptions())
         level.latencies.append(time.monotonic() - t0)
         level.audio_s += dur[path]
-        level.statuses[200] = level.statuses.get(200, 0) + 1
+        level.statuses[200] += 1
     level.seconds = time.monotonic() - start
     return level
 
@@ -195,7 +123,7 @@ def run(url: str, seconds: float, levels: list[int], alone: Level, dur: dict[Pat
     print(jfk.line("JFK 11 s x1"), flush=True)
     print(alone.line("engine alone"), flush=True)
     ref = 16 if 16 in results else max(results)
-    speedup = (results[ref].audio_s / results[ref].seconds) / (alone.audio_s / alone.seconds)
+    speedup = (results[ref].audio_s / results[ref].elapsed) / (alone.audio_s / alone.elapsed)
     errors = sum(v for lv in [*results.values(), jfk] for k, v in lv.statuses.items()
                  if k not in (200, 503))
     print(f"RESULT clients={ref} speedup_vs_sequential={speedup:.2f} "

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     """Bytes; uploads past it are refused while streaming."""
     AUDIO_MAX_DURATION_S: float = Field(default=4 * 3600.0, gt=0)
     """Decoded audio longer than this is refused before any model time is spent."""
+    UPLOAD_STALL_TIMEOUT_S: float = Field(default=30.0, gt=0)
+    """An upload whose body sends nothing for this long is answered 408 and dropped."""
+    STORAGE_QUOTA_BYTES: int = Field(default=0, ge=0)
+    """Bytes of audio storage (stored audio + uploads in progress); 0 = unlimited. An upload that
+    would pass it is refused with 507 while it is copied, and leaves nothing behind."""
     MODEL_CACHE_DIR: Path = Path.home() / ".cache" / "speech-service" / "models"
     """Where packaged CTranslate2 models are converted to transformers format, once."""
     DB_POOL_SIZE: int = Field(default=5, ge=1)
@@ -60,7 +65,8 @@ class Settings(BaseSettings):
     JOB_POLL_S: float = Field(default=1.0, gt=0)
     """Idle runner wait between looks at the queue."""
     JOB_RUNNER_CONCURRENCY: int = Field(default=2, ge=0)
-    """Jobs one ingress replica's runner works on at once (0: this replica runs no runner)."""
+    """Jobs one JobRunnerDeployment replica works on at once: its claim loops (0: its replicas run
+    none and jobs wait for a standalone `python -m serve.job_runner`). The Ingress runs no jobs."""
     JOB_RETENTION_DAYS: float = Field(default=30.0, gt=0)
     """Finished jobs, their results and audio are deleted this long after they finish."""
     WEBHOOK_SECRET: str | None = None

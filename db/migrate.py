@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -18,17 +20,46 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+@contextlib.contextmanager
+def _sqlite_file_lock(url: str) -> Iterator[None]:
+    """On a SQLite file, an exclusive lock on `<file>.migrate.lock` for the block (replicas of
+    one machine migrating at the same moment); elsewhere nothing."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        yield
+        return
+    import fcntl
+
+    lock = Path(parsed.database + ".migrate.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def upgrade_head(url: str | None = None) -> None:
     """`alembic upgrade head` against `url` (default: the configured database).
 
-    On PostgreSQL an advisory lock serialises replicas that start at the same moment.
+    Replicas that start at the same moment (the Ingress and the JobRunnerDeployment both
+    migrate) are serialised: by an advisory lock on PostgreSQL, a file lock on a SQLite file.
     """
-    from sqlalchemy import text
-
     from config.settings import get_settings
-    from db.session import make_engine
 
     url = url or get_settings().database_url
+    with _sqlite_file_lock(url):
+        _upgrade(url)
+
+
+def _upgrade(url: str) -> None:
+    from sqlalchemy import text
+
+    from db.session import make_engine
+
     cfg = alembic_config(url)
     engine = make_engine(url)
     try:

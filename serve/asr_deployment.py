@@ -23,7 +23,7 @@ import numpy as np
 from ray import serve
 
 from config.settings import get_settings
-from serve.errors import from_speech_error
+from serve.errors import OverloadedError, from_speech_error
 from serve.metrics import ReplicaMetrics
 from speech.errors import SpeechError
 from speech.types import SAMPLE_RATE, TranscribeOptions, Transcript
@@ -76,6 +76,13 @@ class ASRDeployment:
                                              "load_seconds": round(load_s, 2),
                                              "torch_threads": torch.get_num_threads()})
         self._queued = 0
+        self._computing = 0
+        self._splitting = 0
+        self._waiting: dict[str, int] = {}
+        """Request id -> its windows not yet taken by a batch."""
+        self._window_s: float | None = None
+        """Model time per window of recent batches (moving average): what a window waiting
+        here costs, for `max_wait_s`."""
         self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
                           "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
@@ -99,34 +106,63 @@ class ASRDeployment:
         log.info("asr batching configured", extra={"max_batch_size": size,
                                                    "batch_wait_timeout_s": wait})
 
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
-        """Split, batch every window with whatever else is in flight, stitch."""
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
+                         max_wait_s: float | None = None) -> Transcript:
+        """Split, batch every window with whatever else is in flight, stitch.
+
+        `max_wait_s` (synchronous requests): when the windows already here would take longer
+        than that to clear (estimated from recent batches), refuse at once with 503 +
+        Retry-After rather than hold the caller past its timeout. Jobs pass None and wait."""
+        if max_wait_s is not None and self._window_s is not None:
+            ahead = self._queued + self._computing + self._splitting  # windows (>= 1 a request)
+            wait_s = ahead * self._window_s
+            if wait_s > max_wait_s:
+                raise OverloadedError(max(1.0, min(wait_s - max_wait_s, 30.0)))
         engine = self._engine
+        self._splitting += 1
         try:
             windows = await asyncio.to_thread(engine.split, audio, options)
         except SpeechError as exc:  # bad options: raised as an ApiError, which pickles intact
             raise from_speech_error(exc) from None
+        finally:
+            self._splitting -= 1
         request_id = uuid.uuid4().hex
+        self._waiting[request_id] = len(windows)
         self._set_queued(len(windows))
-        results = await asyncio.gather(*(self._batched_windows(_Item(request_id, w))
-                                         for w in windows))
+        try:
+            results = await asyncio.gather(*(self._batched_windows(_Item(request_id, w))
+                                             for w in windows))
+        finally:  # cancelled (caller gone, deadline): its windows left the queue unbatched
+            self._set_queued(-self._waiting.pop(request_id, 0))
         return await asyncio.to_thread(engine.stitch, audio, windows, list(results), options)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE,
                  batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _batched_windows(self, items: list[_Item]) -> list[Any]:
         """One model call for windows of possibly many requests."""
-        self._set_queued(-len(items))
+        taken = 0
+        for item in items:
+            left = self._waiting.get(item.request_id, 0)
+            if left:
+                self._waiting[item.request_id] = left - 1
+                taken += 1
+        self._set_queued(-taken)
         windows = [item.window for item in items]
         audio_s = sum(len(w.samples) for w in windows) / SAMPLE_RATE
         t0 = time.perf_counter()
+        self._computing += len(items)
         try:
             results = await asyncio.to_thread(self._engine.transcribe_windows, windows)
         except Exception:
             self._metrics.asr_errors.inc()
             log.exception("asr batch failed", extra={"batch_size": len(items)})
             raise
+        finally:
+            self._computing -= len(items)
         compute_s = time.perf_counter() - t0
+        per_window = compute_s / len(items)
+        self._window_s = (per_window if self._window_s is None
+                          else 0.7 * self._window_s + 0.3 * per_window)
         requests = len({item.request_id for item in items})
         self._metrics.asr_batch_size.observe(len(items))
         self._metrics.asr_windows.inc(len(items))

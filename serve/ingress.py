@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from config.settings import get_settings
@@ -31,12 +31,13 @@ from serve.errors import (
     ApiError,
     DiarizationUnavailableError,
     OverloadedError,
+    ReplicaUnavailableError,
     install_error_handlers,
     unwrap,
 )
 from serve.middleware import MULTIPART_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetricsMiddleware
 from serve.openai_api import TranscriptionParams, check_model, get_services
-from serve.storage import StoredAudio, delete_audio, release_upload, save_upload
+from serve.storage import StoredAudio, release_upload, save_upload
 from speech.errors import SpeechError
 from speech.types import TranscribeOptions, Transcript
 
@@ -72,8 +73,18 @@ class IngressConfig:
     max_upload_bytes: int = field(default_factory=lambda: get_settings().AUDIO_MAX_FILE_SIZE)
     max_duration_s: float = field(default_factory=lambda: get_settings().AUDIO_MAX_DURATION_S)
     storage_base_path: Path = field(default_factory=lambda: get_settings().STORAGE_BASE_PATH)
+    upload_stall_timeout_s: float = field(
+        default_factory=lambda: get_settings().UPLOAD_STALL_TIMEOUT_S)
+    """A request body that sends nothing for this long is answered 408."""
     retry_after_s: float = 1.0
     """Retry-After for 503s when Serve does not say better."""
+    queue_timeout_s: float | None = 20.0
+    """A synchronous request that waits longer than this for a model replica to take it is
+    withdrawn from Serve's queue and answered 503 + Retry-After; the ASR replica also refuses
+    it at once when the windows already waiting there would take longer than this (its
+    `max_wait_s`). Serve's queue limits are counts (max_ongoing/max_queued_requests); at low
+    throughput they mean minutes of waiting, past any client's timeout. None: wait as long as
+    Serve queues."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> IngressConfig:
@@ -84,30 +95,70 @@ class IngressConfig:
 
 
 # --------------------------------------------------------------------------- model calls
+REPLICA_LOSS_RETRIES = 1
+"""Calls are idempotent (transcribe, diarize, model_info): one whose replica died mid-call is
+sent once more (Serve routes it to a live or replacement replica) before the caller gets 503."""
+REPLICA_LOSS_RETRY_AFTER_S = 5.0
+"""Retry-After when the replica was lost: a replacement loads its model first."""
+
+
 async def call_handle(call: Callable[[], Awaitable[Any]], *, retry_after_s: float = 1.0,
-                      what: str = "transcription") -> Any:
-    """Await a deployment call; Serve backpressure -> 503, engine errors -> themselves."""
+                      what: str = "transcription", queue_timeout_s: float | None = None) -> Any:
+    """Await a deployment call; Serve backpressure -> 503, engine errors -> themselves, the
+    replica dying under the call -> sent again once, then 503 `replica_unavailable`.
+
+    `call` must make a new call each time it is invoked (a lambda around `.remote(...)`)."""
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    for attempt in range(REPLICA_LOSS_RETRIES + 1):
+        try:
+            response = call()
+            if queue_timeout_s is not None:
+                await _assigned_within(response, queue_timeout_s, retry_after_s, what)
+            return await response
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            retry = getattr(exc, "retry_after_s", None) or retry_after_s
+            raise OverloadedError(retry, what) from exc
+        except Exception as exc:
+            cause = unwrap(exc)
+            if isinstance(cause, (SpeechError, ApiError)):
+                raise cause from None
+            if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
+                raise OverloadedError(retry_after_s, what) from exc
+            if not isinstance(exc, RayActorError) and not isinstance(cause, RayActorError):
+                raise
+            if attempt < REPLICA_LOSS_RETRIES:
+                log.warning("replica lost during a call; sending it again",
+                            extra={"what": what, "error": type(exc).__name__})
+                continue
+            raise ReplicaUnavailableError(max(retry_after_s, REPLICA_LOSS_RETRY_AFTER_S),
+                                          what) from exc
+    raise AssertionError("unreachable")
+
+
+async def _assigned_within(response: Any, timeout_s: float, retry_after_s: float,
+                           what: str) -> None:
+    """Wait until Serve has given the call to a replica; past `timeout_s` withdraw it from the
+    queue (nothing was computed) and shed with 503. Only for a Serve DeploymentResponse."""
+    assigned = getattr(response, "_to_object_ref", None)  # resolves on assignment (DeveloperAPI)
+    if assigned is None or not getattr(response, "by_reference", False):
+        return
     try:
-        return await call()
-    except (BackPressureError, DeploymentUnavailableError) as exc:
-        retry = getattr(exc, "retry_after_s", None) or retry_after_s
-        raise OverloadedError(retry, what) from exc
-    except Exception as exc:
-        cause = unwrap(exc)
-        if isinstance(cause, (SpeechError, ApiError)):
-            raise cause from None
-        if isinstance(cause, (BackPressureError, DeploymentUnavailableError)):
-            raise OverloadedError(retry_after_s, what) from exc
-        raise
+        await asyncio.wait_for(assigned(), timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()
+        log.warning("call not taken by a replica in time; shed",
+                    extra={"what": what, "queue_timeout_s": timeout_s})
+        raise OverloadedError(retry_after_s, what) from None
 
 
 async def run_transcription(asr: Any, diarizer: Any | None, audio: np.ndarray | Any,
                             options: TranscribeOptions, *, diarize: bool = False,
                             num_speakers: int | None = None, min_speakers: int | None = None,
                             max_speakers: int | None = None,
-                            retry_after_s: float = 1.0) -> Transcript:
+                            retry_after_s: float = 1.0,
+                            queue_timeout_s: float | None = None) -> Transcript:
     """ASR and (if asked) diarization concurrently on one audio object, merged by overlap.
 
     `audio` may be an array or an ObjectRef to one; an array is put in the object store once
@@ -118,13 +169,17 @@ async def run_transcription(asr: Any, diarizer: Any | None, audio: np.ndarray | 
     if diarize and diarizer is None:
         raise DiarizationUnavailableError("this deployment was built without diarization")
     ref = audio if isinstance(audio, ray.ObjectRef) else ray.put(audio)
-    asr_call = call_handle(lambda: asr.transcribe.remote(ref, options),
-                           retry_after_s=retry_after_s)
+    # With a queue timeout (synchronous requests) the replica also refuses at once when the
+    # windows already waiting there would take longer than that.
+    asr_args = () if queue_timeout_s is None else (queue_timeout_s,)
+    asr_call = call_handle(lambda: asr.transcribe.remote(ref, options, *asr_args),
+                           retry_after_s=retry_after_s, queue_timeout_s=queue_timeout_s)
     if not diarize:
         return await asr_call
     diar_call = call_handle(lambda: diarizer.diarize.remote(ref, num_speakers, min_speakers,
                                                             max_speakers),
-                            retry_after_s=retry_after_s, what="diarization")
+                            retry_after_s=retry_after_s, what="diarization",
+                            queue_timeout_s=queue_timeout_s)
     transcript, turns = await asyncio.gather(asr_call, diar_call)
     from speech.speaker_merge import assign_speakers
 
@@ -153,10 +208,13 @@ async def record_sync_result(*, request: Request, stored: StoredAudio, upload: U
 class Services:
     """Handles plus configuration: what every route needs, reached through `get_services`."""
 
-    def __init__(self, asr: Any, diarizer: Any | None, config: IngressConfig) -> None:
+    def __init__(self, asr: Any, diarizer: Any | None, config: IngressConfig,
+                 runner: Any | None = None) -> None:
         self.asr = asr
         self.diarizer = diarizer
         self.config = config
+        self.runner = runner
+        """The JobRunnerDeployment's handle (None: not bound); only /ready uses it."""
         self._model_info: dict[str, Any] | None = None
 
     async def model_info(self) -> dict[str, Any]:
@@ -185,7 +243,8 @@ class Services:
             transcript = await run_transcription(
                 self.asr, self.diarizer, audio, params.options(), diarize=params.diarize,
                 num_speakers=params.num_speakers, min_speakers=params.min_speakers,
-                max_speakers=params.max_speakers, retry_after_s=self.config.retry_after_s)
+                max_speakers=params.max_speakers, retry_after_s=self.config.retry_after_s,
+                queue_timeout_s=self.config.queue_timeout_s)
             keep = await record_sync_result(request=request, stored=stored, upload=upload,
                                             params=params, transcript=transcript)
             return transcript
@@ -222,6 +281,14 @@ class Services:
                 checks["jobs"] = {"ok": state["database"] == "ok", **state}
             except Exception as exc:  # noqa: BLE001
                 checks["jobs"] = {"ok": False, "error": type(exc).__name__}
+        if self.runner is not None:
+            # Reported, never a reason to be unready: this replica's HTTP API works without the
+            # runner, and jobs wait queued while Serve replaces it.
+            try:
+                state = await asyncio.wait_for(self.runner.status.remote(), timeout=5)
+                checks["runner"] = {"ok": True, "available": True, **state}
+            except Exception as exc:  # noqa: BLE001
+                checks["runner"] = {"ok": True, "available": False, "error": type(exc).__name__}
         return all(c["ok"] for c in checks.values()), checks
 
 
@@ -232,12 +299,9 @@ def create_app(services: Services) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        runner = await _start_jobs(services) if jobs_api is not None else None
-        try:
-            yield
-        finally:
-            if runner is not None:
-                await runner.stop()
+        if jobs_api is not None:
+            await _migrate()
+        yield
 
     app = FastAPI(title="Speech transcription service", version="1.0", lifespan=lifespan,
                   description="OpenAI-compatible speech-to-text with diarization, on Ray Serve.")
@@ -247,44 +311,61 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(openai_api.router, dependencies=deps)
     if jobs_api is not None:
         app.include_router(jobs_api.router)
+        app.include_router(jobs_api.admin_router)
 
     @app.get("/health", tags=["ops"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"], summary="Readiness: models loaded, dependencies reachable")
+    @app.get("/ready", tags=["ops"], summary="Readiness: models loaded, dependencies reachable",
+             responses={503: {"description": "Not ready: each check's outcome, and Retry-After",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def ready(s: Services = Depends(get_services)) -> JSONResponse:
         ok, checks = await s.readiness()
         return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks},
                             status_code=200 if ok else 503,
                             headers=None if ok else {"Retry-After": "5"})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics of this ingress replica")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics of this ingress replica",
+             response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
+        if jobs_api is not None:
+            await _publish_job_gauges()
         body, content_type = metrics.render_latest()
         return Response(body, media_type=content_type)
 
     app.add_middleware(BodyLimitMiddleware,
-                       limit_bytes=services.config.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+                       limit_bytes=services.config.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+                       stall_timeout_s=services.config.upload_stall_timeout_s)
     app.add_middleware(HttpMetricsMiddleware)
     return app
 
 
-async def _start_jobs(services: Services) -> Any | None:
-    """Migrate the database (idempotent, serialised on PostgreSQL) and start this replica's
-    job runner on the same ASR/diarization handles; None when JOB_RUNNER_CONCURRENCY is 0."""
+async def _migrate() -> None:
+    """Migrate the database at replica start (idempotent, serialised): the routes need the
+    schema, and under `serve run`/`serve deploy` nothing else may have migrated it. Jobs are
+    not run here: that is the JobRunnerDeployment's (serve/job_runner_deployment.py)."""
     from db.migrate import upgrade_head
-    from serve.job_runner import JobRunner, handles_transcriber
 
     await asyncio.to_thread(upgrade_head)
-    concurrency = get_settings().JOB_RUNNER_CONCURRENCY
-    if services.asr is None or concurrency <= 0:
-        return None
-    runner = JobRunner(handles_transcriber(services.asr, services.diarizer),
-                       concurrency=concurrency,
-                       delete_audio=lambda sha: delete_audio(sha, base_path=services.config.storage_base_path))
-    runner.start()
-    return runner
+
+
+async def _publish_job_gauges() -> None:
+    """Refresh the job gauges (speech_job_*) from the database for a scrape: they describe the
+    shared queue, and the runners serve no /metrics of their own. When the database does not
+    answer within 5 s the last values stay (the scrape itself never fails)."""
+    from db import repository as repo
+    from db.session import session_scope
+    from serve.job_runner import publish_queue_gauges
+
+    def read() -> dict[str, Any]:
+        with session_scope() as session:
+            return repo.queue_stats(session=session)
+
+    try:
+        publish_queue_gauges(await asyncio.wait_for(asyncio.to_thread(read), timeout=5))
+    except Exception as exc:  # noqa: BLE001 - metrics must render without the database
+        log.debug("job gauges not refreshed", extra={"error": type(exc).__name__})
 
 
 @serve.deployment(
@@ -297,12 +378,12 @@ class Ingress:
     """The Serve ingress deployment: holds the handles, builds the app in the replica."""
 
     def __init__(self, asr: Any, diarizer: Any | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, runner: Any | None = None) -> None:
         from config.logging_setup import configure_logging
 
         settings = get_settings()
         configure_logging(settings.LOG_LEVEL, settings.LOG_FILE)
-        self._services = Services(asr, diarizer, IngressConfig.from_dict(config))
+        self._services = Services(asr, diarizer, IngressConfig.from_dict(config), runner)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._services)

@@ -82,6 +82,11 @@ WEBHOOK_STALE_S = 300.0
 """A webhook still pending this long after its job's last update lost its sender: resend it."""
 
 
+STOP_WRITE_TIMEOUT_S = 10.0
+"""How long `JobRunner.stop()` waits for results being written (within Serve's
+graceful_shutdown_timeout_s, 20 s by default)."""
+
+
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -116,6 +121,10 @@ class JobRunner:
         self._loops: list[asyncio.Task[None]] = []
         self.processed: list[str] = []
         """Ids of jobs this runner finished (any terminal status), in order."""
+        self._held: set[str] = set()
+        """Ids of the jobs whose model call is in progress (claimed, result not yet written)."""
+        self._writes: set[asyncio.Task[Any]] = set()
+        """Results and releases being written (`_db_retrying`): `stop()` lets them land."""
 
     async def _db(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         def call() -> Any:
@@ -124,20 +133,89 @@ class JobRunner:
 
         return await asyncio.to_thread(call)
 
+    async def _db_retrying(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        """A write that must outlive a database outage (a finished job's result or release):
+        retried with backoff while the database is unreachable, until it lands or the runner
+        stops. If the lease expired meanwhile and another runner took the job, the write finds
+        the job no longer ours and says so: the result is discarded, never written twice.
+
+        It is not cancelled with its caller: `stop()` waits for it, so a result computed before
+        a stop is kept rather than computed again after the lease expires."""
+        write = asyncio.ensure_future(self._write_retrying(fn, **kwargs))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        return await asyncio.shield(write)
+
+    async def _write_retrying(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        from serve.errors import is_database_unavailable
+
+        delay = min(self.poll_s, 1.0)
+        while True:
+            try:
+                return await self._db(fn, **kwargs)
+            except Exception as exc:
+                if not is_database_unavailable(exc) or self._stop.is_set():
+                    raise
+                log.warning("database unavailable; retrying", extra={
+                    "runner": self.owner, "op": fn.__name__, "error": type(exc).__name__})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.heartbeat_s)
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the claim loops as tasks of the running event loop (e.g. in an ingress replica)."""
+        """Start the claim loops as tasks of the running event loop (e.g. in the JobRunnerDeployment
+        replica, serve/job_runner_deployment.py)."""
         self._stop.clear()
         self._loops = [asyncio.create_task(self._loop(i)) for i in range(self.concurrency)]
         self._loops.append(asyncio.create_task(self._housekeeping()))
 
-    async def stop(self) -> None:
-        """Stop claiming; jobs in flight are abandoned and reclaimed after their lease expires."""
+    @property
+    def running(self) -> list[str]:
+        """Ids of the jobs this runner is working on now."""
+        return sorted(self._held)
+
+    def failure(self) -> str | None:
+        """Why this started runner no longer works (one of its loops ended although it was not
+        stopped), or None while it works (or was never started, or was stopped)."""
+        if self._stop.is_set():
+            return None
+        for task in self._loops:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                return f"{task.get_coro().__qualname__} ended: {error!r}"
+        return None
+
+    async def stop(self, *, release: bool = False) -> None:
+        """Stop claiming and cancel the model calls in flight. Their jobs are abandoned and claimed
+        again when their leases expire, or with `release` handed back to the queue at once (the
+        attempt counted, as after a crash; a job on its last attempt ends failed)."""
+        held = set(self._held)  # before cancelling: no job in it gets its result written after
         self._stop.set()
         for task in self._loops + list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if self._writes:  # results already computed: let them land (one try once stopped)
+            try:
+                await asyncio.wait_for(asyncio.gather(*self._writes, return_exceptions=True),
+                                       timeout=STOP_WRITE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("results not written before the stop; their jobs are claimed again",
+                            extra={"runner": self.owner})
+        if not release:
+            return
+        for job_id in sorted(held):
+            try:
+                status = await self._db(repo.release_job, job_id=job_id, owner=self.owner,
+                                        error="runner stopped; requeued", retry=True)
+            except Exception as exc:  # noqa: BLE001 - the lease expires anyway
+                log.warning("job not released; it is claimed again when its lease expires",
+                            extra={"job_id": job_id, "runner": self.owner,
+                                   "error": type(exc).__name__})
+                continue
+            if status is not None:
+                log.info("job released on stop", extra={"job_id": job_id, "status": status,
+                                                         "runner": self.owner})
 
     async def run_until_stopped(self) -> None:
         self.start()
@@ -150,8 +228,14 @@ class JobRunner:
                 worked = await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a DB outage must not kill the loop
-                log.exception("runner loop error; retrying", extra={"runner": self.owner})
+            except Exception as exc:  # noqa: BLE001 - a DB outage must not kill the loop
+                from serve.errors import is_database_unavailable
+
+                if is_database_unavailable(exc):
+                    log.warning("runner: database unavailable; retrying",
+                                extra={"runner": self.owner, "error": type(exc).__name__})
+                else:
+                    log.exception("runner loop error; retrying", extra={"runner": self.owner})
                 worked = None
             if worked is None:
                 try:
@@ -171,7 +255,7 @@ class JobRunner:
                     self._remove_audio(sha)
                 for job_id in await self._db(repo.claim_stale_webhooks, stale_after_s=WEBHOOK_STALE_S):
                     self._spawn(self._send_webhook(job_id))
-                _publish_gauges(await self._db(repo.queue_stats))
+                publish_queue_gauges(await self._db(repo.queue_stats))
             except Exception:  # noqa: BLE001
                 log.exception("housekeeping error")
             try:
@@ -210,42 +294,64 @@ class JobRunner:
         try:
             options = JobOptions.model_validate(job.options)
         except ValueError as exc:
-            await self._finish(job, await self._db(repo.release_job, job_id=job.id, owner=self.owner,
-                                                    error=f"invalid_option: {exc}", retry=False))
+            await self._finish(job, await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                                             error=f"invalid_option: {exc}", retry=False))
             return
         work = asyncio.ensure_future(self.transcribe(Path(job.audio_path or ""), options))
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=self.heartbeat_s)
-            if done:
-                break
-            if not await self._db(repo.renew_lease, job_id=job.id, owner=self.owner,
-                                  lease_s=self.lease_s, progress=progress[0]):
+        self._held.add(job.id)
+        try:
+            if not await self._heartbeat(job, work, progress):
+                return
+        finally:
+            self._held.discard(job.id)
+            if not work.done():  # stopped, cancelled or lease lost: no orphaned model call
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
-                log.info("job cancelled or lease lost; result discarded", extra={"job_id": job.id})
-                return
         from serve.errors import OverloadedError
 
         try:
             transcript = work.result()
         except OverloadedError:  # backpressure: not the job's fault, so the attempt is not counted
-            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
-                                    error="model overloaded; requeued", retry=True, refund_attempt=True)
+            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                             error="model overloaded; requeued", retry=True, refund_attempt=True)
             await asyncio.sleep(self.poll_s)
         except SpeechError as exc:  # bad input: retrying cannot help
-            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
-                                    error=f"{exc.code}: {exc}", retry=False)
+            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                             error=f"{exc.code}: {exc}", retry=False)
         except FileNotFoundError:  # audio deleted (job deleted, retention): nothing to retry
-            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
-                                    error="audio_missing: the job's audio is no longer stored", retry=False)
+            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                             error="audio_missing: the job's audio is no longer stored", retry=False)
         except Exception as exc:  # noqa: BLE001 - anything else may be transient: retry
             log.warning("job attempt failed", extra={"job_id": job.id, "error": type(exc).__name__})
-            status = await self._db(repo.release_job, job_id=job.id, owner=self.owner,
-                                    error=f"{type(exc).__name__}: {exc}"[:2000], retry=True)
+            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                             error=f"{type(exc).__name__}: {exc}"[:2000], retry=True)
         else:
-            ok = await self._db(repo.complete_job, job_id=job.id, owner=self.owner, transcript=transcript)
+            ok = await self._db_retrying(repo.complete_job, job_id=job.id, owner=self.owner, transcript=transcript)
             status = "succeeded" if ok else None
         await self._finish(job, status)
+
+    async def _heartbeat(self, job: Job, work: asyncio.Future[Any], progress: list[float]) -> bool:
+        """Renew the lease every heartbeat until `work` is done; False when the lease was lost or
+        the job cancelled. A heartbeat the database cannot take (it is restarting) is skipped,
+        not fatal: the work goes on, and the lease is renewed at the next one that lands."""
+        from serve.errors import is_database_unavailable
+
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=self.heartbeat_s)
+            if done:
+                return True
+            try:
+                renewed = await self._db(repo.renew_lease, job_id=job.id, owner=self.owner,
+                                         lease_s=self.lease_s, progress=progress[0])
+            except Exception as exc:
+                if not is_database_unavailable(exc):
+                    raise
+                log.warning("heartbeat failed: database unavailable", extra={
+                    "job_id": job.id, "runner": self.owner, "error": type(exc).__name__})
+                continue
+            if not renewed:
+                log.info("job cancelled or lease lost; result discarded", extra={"job_id": job.id})
+                return False
 
     async def _finish(self, job: Job, status: str | None) -> None:
         if status is None:
@@ -268,8 +374,9 @@ class JobRunner:
                  extra={"job_id": job_id, "attempts": attempts})
 
 
-def _publish_gauges(stats: dict[str, Any]) -> None:
-    """Jobs by status and queue age on this process's Prometheus registry (the ingress's /metrics)."""
+def publish_queue_gauges(stats: dict[str, Any]) -> None:
+    """Jobs by status and queue age (`repo.queue_stats`) on this process's Prometheus registry;
+    the ingress's /metrics refreshes them from the database at each scrape."""
     from db.models import JOB_STATUSES
     from serve import metrics
 

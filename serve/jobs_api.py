@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import unicodedata
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -21,17 +23,24 @@ from starlette.concurrency import run_in_threadpool
 
 from config.settings import get_settings
 from db import repository as repo
-from db.models import TERMINAL_STATUSES, Job
+from db.models import TERMINAL_STATUSES, Job, User
 from db.session import get_sessionmaker, ping
 from serve import ratelimit, webhooks
-from serve.auth import CurrentUser, SessionDep
-from serve.errors import ApiError
+from serve.auth import CurrentUser, SessionDep, require_admin
+from serve.errors import ApiError, error_responses
 from serve.job_runner import JobOptions
 from serve.ratelimit import rate_limit
-from serve.storage import StoredAudio, delete_audio, save_upload
+from serve.storage import StoredAudio, delete_audio, release_upload, save_upload
 from speech.errors import InvalidOptionError
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(rate_limit)])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(rate_limit)],
+                   responses=error_responses(401, 429, 503))
+TRANSCRIPT_CONTENT: dict[str, Any] = {
+    "application/json": {"schema": {"type": "object"}},
+    **{t: {"schema": {"type": "string"}} for t in ("text/plain", "application/x-subrip", "text/vtt",
+                                                   "text/tab-separated-values")},
+}
+"""What a transcript comes back as, by `format` (speech.formats.media_type)."""
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 SSE_POLL_S = 0.5
@@ -55,6 +64,42 @@ def job_public(job: Job) -> dict[str, Any]:
 
 def _not_found(job_id: str) -> ApiError:
     return ApiError(404, f"No job with id '{job_id}'.", param="job_id", code="job_not_found")
+
+
+FILENAME_MAX_CHARS = 255
+"""The `jobs.filename` column's width."""
+
+log = logging.getLogger(__name__)
+
+
+def clean_filename(name: str | None) -> str | None:
+    """A client's file name as metadata: its last path component, without control characters
+    (NUL cannot even be stored) or invisible format characters (a right-to-left override makes
+    "\u202egnp.wav" display as "vaw.png"), at most FILENAME_MAX_CHARS. Audio is stored by its
+    digest, so the name never reaches the file system."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
+    return base[:FILENAME_MAX_CHARS] or None
+
+
+async def _check_model(request: Request, model: str) -> None:
+    """A job may only ask for the served model (or its alias), as on the transcription route.
+
+    Unchecked where the app has no model handles (the router on its own) or they cannot be asked
+    now: a job must be queueable while the model is down, and the runner uses the served model."""
+    from serve.openai_api import check_model
+
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        return
+    try:
+        info = await asyncio.wait_for(services.model_info(), timeout=5)
+    except Exception as exc:  # noqa: BLE001 - no answer: accept, the runner decides
+        log.warning("model not checked at submission", extra={"error": type(exc).__name__})
+        return
+    check_model(model.strip(), info["id"])
 
 
 def _owned(session: Session, job_id: str, user_id: int) -> Job:
@@ -108,7 +153,10 @@ async def _discard(stored: StoredAudio) -> None:
         delete_audio(stored.sha256)
 
 
-@router.post("", status_code=202, summary="Queue a transcription job")
+@router.post("", status_code=202, summary="Queue a transcription job", responses={
+    200: {"description": "The earlier job of a repeated Idempotency-Key",
+          "content": {"application/json": {"schema": {"type": "object"}}}},
+    **error_responses(400, 408, 413, 507)})
 async def create_job(
     request: Request,
     user: CurrentUser,
@@ -133,6 +181,8 @@ async def create_job(
         timestamp_granularities=timestamp_granularities, diarize=diarize, num_speakers=num_speakers,
         min_speakers=min_speakers, max_speakers=max_speakers,
     )
+    if model:
+        await _check_model(request, model)
     if callback_url:
         await run_in_threadpool(webhooks.check_callback_url, callback_url)
     if idempotency_key:
@@ -145,12 +195,17 @@ async def create_job(
         duration_s = await run_in_threadpool(_probe_duration, stored, settings.AUDIO_MAX_DURATION_S)
         job, created = await run_in_threadpool(
             _in_session, repo.create_job, user_id=user.id, options=options, audio=stored,
-            filename=(file.filename or "")[:255] or None, callback_url=callback_url,
+            filename=clean_filename(file.filename), callback_url=callback_url,
             idempotency_key=idempotency_key, max_attempts=settings.JOB_MAX_ATTEMPTS, duration_s=duration_s,
         )
     except BaseException:
         await _discard(stored)
         raise
+    finally:
+        # Drop this request's in-process hold (save_upload took one): job rows are the references
+        # here, and a hold left behind would keep a later failed sync upload of the same bytes
+        # from removing its file.
+        release_upload(stored, keep=True)
     if not created and job.audio_sha256 != stored.sha256:
         await _discard(stored)
     return JSONResponse(job_public(job), status_code=202 if created else 200)
@@ -163,7 +218,7 @@ def _probe_duration(stored: StoredAudio, max_duration_s: float) -> float:
     return audio_duration_s(decode_audio(stored.path, max_duration_s=max_duration_s))
 
 
-@router.get("", summary="List your jobs, newest first")
+@router.get("", summary="List your jobs, newest first", responses=error_responses(400))
 def list_jobs(
     user: CurrentUser,
     session: SessionDep,
@@ -180,12 +235,14 @@ def list_jobs(
             "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}", summary="One job")
+@router.get("/{job_id}", summary="One job", responses=error_responses(404))
 def get_job(job_id: str, user: CurrentUser, session: SessionDep) -> dict[str, Any]:
     return job_public(_owned(session, job_id, user.id))
 
 
-@router.get("/{job_id}/transcript", summary="The transcript of a finished job, in any output format")
+@router.get("/{job_id}/transcript", summary="The transcript of a finished job, in any output format",
+            responses={200: {"description": "The transcript", "content": TRANSCRIPT_CONTENT},
+                       **error_responses(400, 404, 409)})
 def get_transcript(
     job_id: str, user: CurrentUser, session: SessionDep,
     format: Annotated[str, Query(max_length=32)] = "json",
@@ -203,7 +260,10 @@ def get_transcript(
     return Response(render(transcript, format), media_type=media_type(format))
 
 
-@router.get("/{job_id}/events", summary="Server-sent progress events until the job finishes")
+@router.get("/{job_id}/events", summary="Server-sent progress events until the job finishes",
+            responses={200: {"description": "An event stream",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                       **error_responses(404)})
 def job_events(job_id: str, request: Request, user: CurrentUser, session: SessionDep) -> StreamingResponse:
     _owned(session, job_id, user.id)  # 404 before the stream starts
     return StreamingResponse(_event_stream(job_id, user.id, request), media_type="text/event-stream",
@@ -232,7 +292,8 @@ async def _event_stream(job_id: str, user_id: int, request: Request) -> AsyncIte
             yield ": keep-alive\n\n"
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a queued or running job")
+@router.post("/{job_id}/cancel", summary="Cancel a queued or running job",
+             responses=error_responses(404, 409))
 def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> dict[str, Any]:
     job = _owned(session, job_id, user.id)
     if not repo.cancel_job(session=session, job=job):
@@ -241,7 +302,8 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> dict[str,
     return job_public(job)
 
 
-@router.delete("/{job_id}", summary="Delete a job, its results and its audio")
+@router.delete("/{job_id}", summary="Delete a job, its results and its audio",
+               responses=error_responses(404))
 def delete_job(job_id: str, request: Request, user: CurrentUser, session: SessionDep) -> dict[str, Any]:
     job = _owned(session, job_id, user.id)
     orphan = repo.delete_job(session=session, job=job)
@@ -264,7 +326,7 @@ def record_sync_request(*, request: Request, stored: StoredAudio | None, options
         return False
     with get_sessionmaker()() as session:
         repo.record_sync_job(session=session, user=user, stored_audio=stored, options=options,
-                             transcript=transcript, filename=filename)
+                             transcript=transcript, filename=clean_filename(filename))
         session.commit()
     return stored is not None
 
@@ -275,6 +337,33 @@ def readiness() -> dict[str, Any]:
     db_ok = ping()
     return {"database": "ok" if db_ok else "unreachable", "rate_limits": limits,
             "status": "ready" if db_ok and not limits["degraded"] else ("degraded" if db_ok else "unavailable")}
+
+
+# --------------------------------------------------------------------------- admin
+admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(rate_limit)],
+                         responses=error_responses(401, 403, 429, 503))
+"""Operator routes: admin keys only (403 for ordinary keys). `python -m serve.admin` does the same
+and more from a shell on the database."""
+
+AdminUser = Annotated[User, Depends(require_admin)]
+
+
+@admin_router.get("/queue", summary="Jobs by status and the age of the oldest queued job (admin)")
+def queue_stats(_: AdminUser, session: SessionDep) -> dict[str, Any]:
+    stats = repo.queue_stats(session=session)
+    return {"object": "queue", "by_status": stats["by_status"], "queue_depth": stats["queue_depth"],
+            "oldest_queued_age_s": stats["oldest_queued_age_s"]}
+
+
+@admin_router.post("/keys/{key_id}/revoke", summary="Revoke an API key at once (admin)",
+                   responses=error_responses(404))
+def revoke_key(key_id: str, request: Request, admin: AdminUser, session: SessionDep) -> dict[str, Any]:
+    key = repo.revoke_api_key(session=session, key_id=key_id)
+    if key is None:
+        raise ApiError(404, f"No API key with id '{key_id}'.", param="key_id", code="key_not_found")
+    repo.audit(session=session, action="key.revoked", user_id=key.user_id, target=key.id,
+               ip=request.client.host if request.client else None, details={"by": admin.id})
+    return {"id": key.id, "object": "api_key", "revoked": True, "revoked_at": _ts(key.revoked_at)}
 
 
 def prepare_database() -> str | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from serve.errors import error_responses
 from speech.errors import InvalidOptionError
 from speech.types import Task, TranscribeOptions, Transcript
 
@@ -27,6 +28,8 @@ MODEL_ALIASES = ("whisper-1",)
 """Names OpenAI clients send by default; they mean "the loaded Whisper model"."""
 MAX_SPEAKERS = 32
 """The engine's bound on speaker hints (speech.diarization.engine.MAX_SPEAKERS)."""
+MAX_PROMPT_CHARS = 4000
+"""Longest `prompt` taken (Whisper reads only its last ~224 tokens); jobs store at most this."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ def parse_params(*, task: Task, model: str | None, language: str | None = None,
                                  "timestamp_granularities needs response_format=verbose_json.")
     if _bool("stream", stream):
         raise InvalidOptionError("stream", "Streaming transcription is not supported.")
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidOptionError("prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters, "
+                                 f"got {len(prompt)}.")
     lang = (language or "").strip().lower() or None
     if lang is not None and not (lang.isalpha() and 2 <= len(lang) <= 3):
         raise InvalidOptionError("language", f"language must be an ISO-639-1 code such as 'en', "
@@ -162,10 +168,23 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Any, Depends(get_services)]
 Text = Annotated[str | None, Form()]
 
-router = APIRouter(tags=["audio"])
+router = APIRouter(tags=["audio"], responses=error_responses(401, 429, 503))
+
+TRANSCRIPT_CONTENT: dict[str, Any] = {
+    "application/json": {"schema": {"type": "object"}},
+    "text/plain": {"schema": {"type": "string"}},
+    "application/x-subrip": {"schema": {"type": "string"}},
+    "text/vtt": {"schema": {"type": "string"}},
+}
+"""What a transcript comes back as, by `response_format` (speech.formats.media_type)."""
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The transcript in the asked format", "content": TRANSCRIPT_CONTENT},
+    **error_responses(400, 408, 413, 501, 507),
+}
 
 
-@router.post("/v1/audio/transcriptions", summary="Transcribe audio (OpenAI-compatible)")
+@router.post("/v1/audio/transcriptions", summary="Transcribe audio (OpenAI-compatible)",
+             responses=UPLOAD_RESPONSES)
 async def create_transcription(
     request: Request,
     services: ServicesDep,
@@ -193,7 +212,8 @@ async def create_transcription(
     return render_response(transcript, params)
 
 
-@router.post("/v1/audio/translations", summary="Translate audio to English (OpenAI-compatible)")
+@router.post("/v1/audio/translations", summary="Translate audio to English (OpenAI-compatible)",
+             responses=UPLOAD_RESPONSES)
 async def create_translation(
     request: Request,
     services: ServicesDep,

@@ -10,11 +10,17 @@ hold on the digest and `release_upload` drops it; the file is deleted only when 
 lets go without keeping it, and only if one of them created it (audio that was already stored,
 e.g. by a job, is never deleted by a request). Across processes the jobs' database rows are the
 references.
+
+Storage is bounded by `STORAGE_QUOTA_BYTES` (0: unlimited): the bytes of stored audio plus the
+uploads in progress, measured when an upload starts. An upload that would pass it stops with a
+507 as soon as it does; so does one that meets a full disk (ENOSPC/EDQUOT) on the way. Either way
+its temporary file is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import tempfile
@@ -24,9 +30,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from config.settings import get_settings
-from serve.errors import UploadTooLargeError
+from serve.errors import InsufficientStorageError, UploadTooLargeError
 
 CHUNK_BYTES = 1 << 20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 _holds_lock = threading.Lock()
 _holds: dict[str, list] = {}
@@ -54,14 +61,57 @@ def audio_path(sha256: str, base_path: Path | None = None) -> Path:
     return base / "audio" / sha256[:2] / sha256
 
 
-async def save_upload(upload: _Upload, *, max_bytes: int, base_path: Path | None = None) -> StoredAudio:
-    """Stream `upload` to storage; UploadTooLargeError (413) as soon as it passes `max_bytes`."""
-    return await asyncio.to_thread(save_stream, upload.file, max_bytes=max_bytes, base_path=base_path)
+async def save_upload(upload: _Upload, *, max_bytes: int, base_path: Path | None = None,
+                      quota_bytes: int | None = None) -> StoredAudio:
+    """Stream `upload` to storage; UploadTooLargeError (413) as soon as it passes `max_bytes`,
+    InsufficientStorageError (507) as soon as storage would pass its quota or the disk is full."""
+    return await asyncio.to_thread(save_stream, upload.file, max_bytes=max_bytes, base_path=base_path,
+                                   quota_bytes=quota_bytes)
 
 
-def save_stream(stream: BinaryIO, *, max_bytes: int, base_path: Path | None = None) -> StoredAudio:
-    """Blocking core of `save_upload`, also usable for any binary stream (jobs, CLI)."""
+def storage_used_bytes(base_path: Path | None = None) -> int:
+    """What the quota counts: bytes of stored audio (`audio/`) and uploads in progress (`tmp/`)."""
     base = Path(base_path if base_path is not None else get_settings().STORAGE_BASE_PATH)
+    total = 0
+    for top in (base / "audio", base / "tmp"):
+        for root, _dirs, files in os.walk(top):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:  # deleted meanwhile (a finished upload, a purge)
+                    pass
+    return total
+
+
+def _quota_error(quota: int) -> InsufficientStorageError:
+    return InsufficientStorageError(
+        f"The service's audio storage is full: this upload would pass its quota of {quota} bytes. "
+        "Retry after finished jobs are deleted, or ask the operator to raise STORAGE_QUOTA_BYTES.")
+
+
+def save_stream(stream: BinaryIO, *, max_bytes: int, base_path: Path | None = None,
+                quota_bytes: int | None = None) -> StoredAudio:
+    """Blocking core of `save_upload`, also usable for any binary stream (jobs, CLI).
+
+    `quota_bytes` defaults to STORAGE_QUOTA_BYTES (0: unlimited)."""
+    try:
+        return _save_stream(stream, max_bytes=max_bytes, base_path=base_path, quota_bytes=quota_bytes)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise InsufficientStorageError(
+                "The service's audio storage is out of disk space; the upload was not stored. "
+                "Retry later.") from exc
+        raise
+
+
+def _save_stream(stream: BinaryIO, *, max_bytes: int, base_path: Path | None,
+                 quota_bytes: int | None) -> StoredAudio:
+    settings = get_settings()
+    base = Path(base_path if base_path is not None else settings.STORAGE_BASE_PATH)
+    quota = settings.STORAGE_QUOTA_BYTES if quota_bytes is None else quota_bytes
+    room = quota - storage_used_bytes(base) if quota else None
+    if room is not None and room <= 0:
+        raise _quota_error(quota)
     tmp_dir = base / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -74,6 +124,8 @@ def save_stream(stream: BinaryIO, *, max_bytes: int, base_path: Path | None = No
                 size += len(chunk)
                 if size > max_bytes:
                     raise UploadTooLargeError(max_bytes)
+                if room is not None and size > room:
+                    raise _quota_error(quota)
                 digest.update(chunk)
                 out.write(chunk)
         sha = digest.hexdigest()

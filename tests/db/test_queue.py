@@ -127,6 +127,39 @@ def test_cancelling_a_running_job_stops_its_heartbeat_and_its_write(backend: str
     assert _job(job_id).status == "cancelled"
 
 
+def test_a_stopped_runner_hands_its_running_job_back_only_when_asked(backend: str) -> None:  # noqa: F811
+    """`stop()` abandons the job in flight to lease expiry; `stop(release=True)` (the Serve
+    deployment's graceful stop) puts it back in the queue at once, the attempt counted. The
+    no-op engine stands in for the model: it only has to be busy when the stop comes."""
+    import asyncio
+
+    from serve.job_runner import JobRunner, noop_transcriber
+
+    _queue(2)
+
+    async def run(release: bool) -> str:
+        runner = JobRunner(noop_transcriber(delay_s=60), concurrency=1, poll_s=0.05)
+        runner.start()
+        deadline = time.monotonic() + 20
+        while not runner.running:
+            assert time.monotonic() < deadline, "the runner never took the job"
+            await asyncio.sleep(0.02)
+        (job_id,) = runner.running
+        assert runner.failure() is None
+        await runner.stop(release=release)
+        assert runner.failure() is None and runner.running == []
+        return job_id
+
+    abandoned = asyncio.run(run(release=False))
+    job = _job(abandoned)
+    assert (job.status, job.attempts) == ("running", 1) and job.lease_owner
+    released = asyncio.run(run(release=True))  # the other job: the first one's lease holds
+    assert released != abandoned
+    job = _job(released)
+    assert (job.status, job.attempts, job.lease_owner) == ("queued", 1, None)
+    assert job.error == "runner stopped; requeued"
+
+
 def test_the_same_idempotency_key_gives_one_job(backend: str) -> None:  # noqa: F811
     with session_scope() as session:
         user = repo.create_user(session=session, email="i@example.org")

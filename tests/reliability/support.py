@@ -7,6 +7,8 @@
 - `ServiceProcess`: `python -m serve` (the README's start command, its own local Ray cluster) in
   its own session, so that stopping it takes Ray's processes with it even when it hangs.
 - `Ledger`: what the suite sent and how it ended, printed as the table at the end of the run.
+- `running_stack()`: all of it together (database, proxy, Redis, service, users), as the suite's
+  `stack` fixture and bench/soak.py run it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psycopg2
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "speech"
@@ -119,6 +125,10 @@ class FaultProxy:
         """Refuse new connections and reset every open one, as a stopped server would."""
         self.cuts += 1
         if self._listener is not None:
+            try:  # wakes the thread blocked in accept(); close() alone lets it take one more
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         with self._lock:
@@ -185,6 +195,8 @@ class ServiceProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     ray_address: str = ""
+    log_offset: int = 0
+    """Where this start's output begins in `log` (start() may be called again after stop())."""
 
     @property
     def base_url(self) -> str:
@@ -195,11 +207,13 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 300) -> ServiceProcess:
         env = {**os.environ, **self.env, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve", "--config", str(self.config), "--port", str(self.port),
-             "--num-cpus", "2", "--ray-auth-mode", "disabled"],
-            cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        self.log_offset = self.log.stat().st_size if self.log.exists() else 0
+        self.ray_address = ""
+        with self.log.open("ab") as out:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "serve", "--config", str(self.config), "--port",
+                 str(self.port), "--num-cpus", "2", "--ray-auth-mode", "disabled"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: self._banner() or self._died(), timeout_s, "the service to start")
         if self.proc.poll() is not None:
             raise AssertionError(f"the service exited with {self.proc.returncode}:\n"
@@ -211,7 +225,9 @@ class ServiceProcess:
         return self.proc is not None and self.proc.poll() is not None
 
     def _banner(self) -> bool:
-        text = self.log.read_text(errors="replace")
+        with self.log.open("rb") as f:  # this start's output only, not an earlier run's
+            f.seek(self.log_offset)
+            text = f.read().decode(errors="replace")
         found = re.findall(r"ray cluster: (\S+)", text)
         if found:
             self.ray_address = found[-1]
@@ -281,7 +297,7 @@ class Ledger:
     def request(self, status: int | None) -> None:
         """One synchronous request; None: no answer (hung past its timeout or connection lost)."""
         self.counts["requests sent"] += 1
-        if status == 200:
+        if status is not None and 200 <= status < 300:  # 202: a job accepted
             self.counts["requests succeeded"] += 1
         elif status is None:
             self.counts["requests without an answer"] += 1
@@ -289,6 +305,13 @@ class Ledger:
             self.counts["5xx other than 503"] += 1
         else:
             self.counts["requests failed with a reason"] += 1
+
+    def request_lost_with_ingress(self) -> None:
+        """One synchronous request that was inside the Ingress replica when that replica was
+        killed: Ray Serve's HTTP proxy answers it a plain-text 500 itself (no product code is left
+        to answer it). Counted as sent, in a row of its own, apart from the product's 5xx."""
+        self.counts["requests sent"] += 1
+        self.counts["requests lost with killed ingress"] += 1
 
     def jobs(self, *, sent: int, succeeded: int, failed: int, lost: int, duplicated: int) -> None:
         self.counts["jobs sent"] += sent
@@ -307,6 +330,8 @@ class Ledger:
                 "jobs lost", "jobs duplicated"]
         rejected = sum(1 for _, want, got in self.bad_inputs if want == got)
         lines = ["reliability suite", "-" * 44]
+        if self.counts["requests lost with killed ingress"]:
+            rows.insert(rows.index("5xx other than 503") + 1, "requests lost with killed ingress")
         lines += [f"{name:<34}{self.counts[name]:>10}" for name in rows]
         lines += [f"{'bad inputs tried':<34}{len(self.bad_inputs):>10}",
                   f"{'bad inputs rejected correctly':<34}{rejected:>10}"]
@@ -317,3 +342,158 @@ class Ledger:
         if wrong:
             lines += ["bad inputs answered wrongly:", *wrong]
         return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the whole stack
+MAX_UPLOAD_BYTES = 4 * 1024 * 1024
+MAX_DURATION_S = 2 * 3600.0
+KEY_LIMIT_PER_MINUTE = 600
+STORAGE_QUOTA_BYTES = 1024 ** 3
+"""Far above what the suite stores; test_storage_quota pushes storage past it with a sparse file."""
+UPLOAD_STALL_TIMEOUT_S = 10.0
+
+
+@dataclass
+class User:
+    email: str
+    key_id: str
+    key: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@dataclass
+class Stack:
+    service: ServiceProcess
+    db_proxy: FaultProxy
+    redis: RedisServer
+    db_url: str
+    """Direct to PostgreSQL (not through the proxy): the tests' own view of the database."""
+    storage: Path
+    admin: User
+    alice: User
+    bob: User
+    ledger: Ledger
+
+    def url(self, path: str) -> str:
+        return self.service.url(path)
+
+    def stored_files(self) -> list[Path]:
+        """Audio and temporary uploads in storage (everything but the log files)."""
+        return [p for p in self.storage.rglob("*") if p.is_file() and p.suffix != ".log"]
+
+
+def pg_admin(sql: str) -> None:
+    conn = psycopg2.connect(**PG_ADMIN)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def make_users(db_url: str) -> tuple[User, User, User]:
+    """admin@example.com (admin), alice@ and bob@example.com, one key each."""
+    from db import repository as repo
+    from db.session import session_scope
+    from serve.auth import create_key_for
+
+    users = []
+    with session_scope(db_url) as session:
+        for email, admin in (("admin@example.com", True), ("alice@example.com", False),
+                             ("bob@example.com", False)):
+            user = repo.create_user(session=session, email=email, is_admin=admin)
+            session.flush()
+            key_id, key = create_key_for(session=session, user=user, name="reliability")
+            users.append(User(email, key_id, key))
+    return users[0], users[1], users[2]
+
+
+def user_keys(db_url: str, email: str, n: int, name: str = "reliability") -> list[User]:
+    """`n` new keys of the ordinary user `email` (created when missing), one `User` per key: to
+    spread many clients over several keys so that the per-key rate limit does not decide."""
+    from db import repository as repo
+    from db.session import session_scope
+    from serve.auth import create_key_for
+
+    out = []
+    with session_scope(db_url) as session:
+        user = repo.get_user_by_email(session=session, email=email)
+        if user is None:
+            user = repo.create_user(session=session, email=email)
+            session.flush()
+        for _ in range(n):
+            key_id, key = create_key_for(session=session, user=user, name=name)
+            out.append(User(email, key_id, key))
+    return out
+
+
+def service_config(path: Path, env: dict[str, str]) -> Path:
+    """serve_config.yaml with `env` added to the application's runtime env, written to `path`."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextmanager
+def running_stack(work: Path, model_cache_dir: Path, ledger: Ledger) -> Iterator[Stack]:
+    """The reliability stack in `work` (an empty folder), stopped by its handles on exit.
+
+    In order: a fresh PostgreSQL database of its own (migrated, with an admin, two ordinary
+    users and their keys), a `FaultProxy` in front of it, a private `redis-server`, and
+    `python -m serve` with its own local Ray cluster, the CPU profile of `serve_config.yaml` and
+    a job runner. The database is dropped at the end.
+    """
+    from db.migrate import upgrade_head
+    from db.session import dispose_all
+
+    storage = work / "storage"
+    storage.mkdir()
+    db_name = f"reliability_{uuid.uuid4().hex[:10]}"
+    pg_admin(f'CREATE DATABASE "{db_name}"')
+    proxy = FaultProxy((PG_ADMIN["host"], PG_ADMIN["port"])).start()
+    redis = RedisServer(work)
+    service: ServiceProcess | None = None
+    try:
+        db_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db_name}"
+        upgrade_head(db_url)
+        admin, alice, bob = make_users(db_url)
+        redis.start()
+        env = {
+            "ENVIRONMENT": "test",
+            "DB_URL": f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/{db_name}",
+            "REDIS_URL": redis.url,
+            "STORAGE_BASE_PATH": str(storage),
+            "MODEL_CACHE_DIR": str(model_cache_dir),
+            "AUDIO_MAX_FILE_SIZE": str(MAX_UPLOAD_BYTES),
+            "AUDIO_MAX_DURATION_S": str(MAX_DURATION_S),
+            "RATE_LIMIT_PER_MINUTE": "0",
+            "RATE_LIMIT_KEY_PER_MINUTE": str(KEY_LIMIT_PER_MINUTE),
+            "JOB_RUNNER_CONCURRENCY": "2",
+            "JOB_LEASE_S": "10",
+            "JOB_HEARTBEAT_S": "2",
+            "JOB_POLL_S": "0.5",
+            "WEBHOOK_ALLOW_INTERNAL": "false",
+            "STORAGE_QUOTA_BYTES": str(STORAGE_QUOTA_BYTES),
+            "UPLOAD_STALL_TIMEOUT_S": str(UPLOAD_STALL_TIMEOUT_S),
+            "LOG_FILE": str(storage / "service.log"),
+        }
+        service = ServiceProcess(config=service_config(work / "serve_config.yaml", env),
+                                 env=env, log=work / "service.out.log")
+        service.start()
+        yield Stack(service=service, db_proxy=proxy, redis=redis, db_url=db_url,
+                    storage=storage, admin=admin, alice=alice, bob=bob, ledger=ledger)
+    finally:
+        try:
+            if service is not None:
+                service.stop()
+        finally:
+            redis.stop()
+            proxy.stop()
+            dispose_all()
+            pg_admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')

@@ -51,12 +51,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def log_file(storage: Path) -> Path:
+    """The service's JSON log file (LOG_FILE) beside its storage, not in it (stored_files)."""
+    return storage.with_name(storage.name + "-logs") / "service.log"
+
+
 def service_env(storage: Path) -> dict[str, str]:
     """Settings of the test cluster: its own storage (and SQLite database), no rate limits
-    (the tests send more than 100 requests a minute from one address), no job runner."""
+    (the tests send more than 100 requests a minute from one address), a job runner replica
+    that runs no claim loops (JOB_RUNNER_CONCURRENCY=0: jobs stay queued), and
+    its JSON logs in a file of its own (`log_file`), which the log tests read."""
     return {"STORAGE_BASE_PATH": str(storage), "RATE_LIMIT_PER_MINUTE": "0",
             "RATE_LIMIT_KEY_PER_MINUTE": "0", "JOB_RUNNER_CONCURRENCY": "0",
-            "ENVIRONMENT": "test"}
+            "ENVIRONMENT": "test", "LOG_FILE": str(log_file(storage))}
 
 
 def create_local_key(env: dict[str, str]) -> str:
@@ -96,6 +103,7 @@ def test_app_config(storage: Path) -> dict:
              "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.1},
              "ray_actor_options": {"num_cpus": 1}},
             {"name": "DiarizationDeployment", "ray_actor_options": {"num_cpus": 0}},
+            {"name": "JobRunnerDeployment", "ray_actor_options": {"num_cpus": 0}},
         ],
     }
 

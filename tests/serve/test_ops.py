@@ -17,6 +17,11 @@ def test_ready_reports_each_dependency(service) -> None:  # noqa: ANN001
     checks = response.json()["checks"]
     assert checks["asr"]["ok"] and checks["asr"]["model"] == "tiny.en"
     assert checks["storage"]["ok"]
+    # The JobRunnerDeployment is in the graph, reached through its handle; idle here
+    # (JOB_RUNNER_CONCURRENCY=0 in the test settings).
+    runner = checks["runner"]
+    assert runner["ok"] and runner["available"], runner
+    assert runner["concurrency"] == 0 and runner["running"] == [] and runner["healthy"], runner
 
 
 def test_models_lists_the_loaded_model(openai_client) -> None:  # noqa: ANN001
@@ -49,3 +54,6 @@ def test_metrics_count_requests_by_route_template_and_status(service) -> None:  
     assert any(ln.startswith("speech_http_request_duration_seconds_bucket{") for ln in lines)
     uploaded = [ln for ln in lines if ln.startswith("speech_upload_bytes_total ")]
     assert uploaded and float(uploaded[0].split()[1]) >= JFK.stat().st_size
+    # The queue's gauges, read from the database at the scrape (the runner has no /metrics).
+    assert any(ln.startswith("speech_job_queue_depth ") for ln in lines)
+    assert any(ln.startswith('speech_jobs{status="queued"} ') for ln in lines)

@@ -83,7 +83,7 @@ def test_serve_build_writes_a_deployable_config(tmp_path: Path) -> None:
     cli("serve", "build", "serve.app:app", "-o", str(out), env=env)
     built = yaml.safe_load(out.read_text())
     names = {d["name"] for d in built["applications"][0]["deployments"]}
-    assert names == {"Ingress", "ASRDeployment", "DiarizationDeployment"}
+    assert names == {"Ingress", "ASRDeployment", "DiarizationDeployment", "JobRunnerDeployment"}
 
 
 def test_serve_deploy_of_the_cpu_profile_serves_transcriptions(head, tmp_path: Path) -> None:  # noqa: ANN001
