@@ -36,7 +36,8 @@ SHORT = DATA_DIR / "pocketsphinx" / "cards" / "001.wav"
 TABLES = "words, segments, jobs, api_keys, users, audit_events"
 
 
-def _pg_admin(sql: str) -> None:
+def pg_admin(sql: str) -> None:
+    """Run one statement as the server's admin (CREATE/DROP DATABASE), outside a transaction."""
     conn = psycopg2.connect(**PG_ADMIN)
     conn.autocommit = True
     try:
@@ -50,12 +51,12 @@ def _pg_admin(sql: str) -> None:
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database of our own for this test session, migrated to head, dropped at the end."""
     name = f"jobs_test_{uuid.uuid4().hex[:10]}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
+    pg_admin(f'CREATE DATABASE "{name}"')
     url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
     upgrade_head(url)
     yield url
     dispose_all()
-    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def configure(monkeypatch: pytest.MonkeyPatch, **env: str | None) -> None:

@@ -25,7 +25,7 @@ def test_bad_arguments_print_usage_and_fail(args: list[str]) -> None:
     assert "usage:" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kustomize) is not installed")
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="issue 5: environment only, kubectl (for kustomize) is not installed")
 def test_dry_run_deploy_renders_the_overlay_and_mutates_nothing() -> None:
     result = run(["bash", str(SCRIPT), "staging", "deploy"], env=_env(DRY_RUN="1"))
     assert result.returncode == 0, result.stderr

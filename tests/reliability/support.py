@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg2
 import yaml
+
+from tests.db.support import PG_ADMIN, pg_admin
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "speech"
 JFK = DATA / "jfk" / "jfk.flac"
 SHORT_CLIP = DATA / "pocketsphinx" / "librivox" / "sense_and_sensibility_01_austen_64kb-0870.wav"
-PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "test"}
 
 
 def free_port() -> int:
@@ -383,16 +383,6 @@ class Stack:
     def stored_files(self) -> list[Path]:
         """Audio and temporary uploads in storage (everything but the log files)."""
         return [p for p in self.storage.rglob("*") if p.is_file() and p.suffix != ".log"]
-
-
-def pg_admin(sql: str) -> None:
-    conn = psycopg2.connect(**PG_ADMIN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def make_users(db_url: str) -> tuple[User, User, User]:

@@ -457,6 +457,15 @@ def tag(name: str) -> str:
     return f"faults-{name}-{uuid.uuid4().hex[:6]}"
 
 
+def running_on_first_attempt(db: DbView, ids: list[str]) -> list[str]:
+    """The jobs running right now (a kill must land while one is), all on their first attempt."""
+    now = db.jobs(ids)
+    running = [i for i, j in now.items() if j.status == "running"]
+    assert running, "the kill must land while a job is running"
+    assert all(now[i].attempts == 1 for i in running)
+    return running
+
+
 def wait_running(db: DbView, ids: list[str], n: int = 1, timeout_s: float = 120) -> list[str]:
     """Wait until at least `n` of the jobs are running; returns the running ones."""
     running: list[str] = []
@@ -625,10 +634,7 @@ def test_job_runner_killed_mid_job_the_job_completes_once_and_requests_are_untou
         kill_t = time.monotonic()
         driver.kill(killed)
         stack.ledger.fault("job runner replica killed")
-        at_kill = db.jobs(ids)
-        running = [i for i, j in at_kill.items() if j.status == "running"]
-        assert running, "the kill must land while a job is running"
-        assert all(at_kill[i].attempts == 1 for i in running)
+        running = running_on_first_attempt(db, ids)
         wait_for(lambda: replaced(driver, "JobRunnerDeployment", killed), 120,
                  "Serve to replace the job runner replica", interval_s=0.5)
         up = time.monotonic()
@@ -669,10 +675,7 @@ def test_ingress_killed_restarts_and_jobs_are_untouched(
         driver.kill(killed)
         load.ingress_killed(kill_t, time.monotonic())
         stack.ledger.fault("ingress replica killed")
-        at_kill = db.jobs(ids)
-        running = [i for i, j in at_kill.items() if j.status == "running"]
-        assert running, "the kill must land while a job is running"
-        assert all(at_kill[i].attempts == 1 for i in running)
+        running = running_on_first_attempt(db, ids)
         wait_for(lambda: replaced(driver, "Ingress", killed), 120,
                  "Serve to replace the Ingress replica", interval_s=0.5)
         up = time.monotonic()
