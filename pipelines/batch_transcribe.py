@@ -89,6 +89,15 @@ class Summary:
     skipped: int = 0
     audio_s: float = 0.0
     wall_s: float = 0.0
+    windows: int = 0
+    """30 s model windows transcribed (the model's unit of work: files shorter than 30 s pay a whole one)."""
+    model_s: float = 0.0
+    """Actor-seconds inside the Whisper engine; with `wall_s` and the actor count, how busy the model was."""
+    decode_s: float = 0.0
+    """Task-seconds reading, hashing, decoding and cutting files (CPU stage)."""
+    actors: int = 0
+    threads: int | None = None
+    """Torch threads per CPU actor (None on GPU)."""
     failures: list[FileRecord] = field(default_factory=list)
     stage_stats: str = ""
     """Ray Data's per-stage timing of the run (where the time went), for bench/ and debugging."""
@@ -216,15 +225,15 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
     started_here = _connect(cfg)
     t0 = time.perf_counter()
     writer = JsonlWriter(jsonl) if jsonl else None
+    saved_ctx = None
     try:
         resources = ray.cluster_resources()
         gpus = cfg.num_gpus_per_actor
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 and settings.AI_DEVICE != "cpu" else 0.0
         device = "cuda" if gpus > 0 else "cpu"
-        actors = cfg.actors or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus > 0 else 1)
-        batch_windows = cfg.batch_windows or (32 if device == "cuda" else 8)
-        threads = cfg.threads_per_actor or (None if device == "cuda" else max(1, int(resources.get("CPU", 1)) // actors))
+        actors, batch_windows, threads = _actor_plan(cfg, resources, gpus, pools=2 if cfg.diarize else 1)
+        summary.actors, summary.threads = actors, threads
         actor_cpus = _actor_cpus(resources.get("CPU", 1.0), actors, pools=2 if cfg.diarize else 1, gpus=gpus)
         print(f"batch: {len(paths)} files ({len(done)} known done), model {model} on {device}, "
               f"{actors} Whisper actor(s) x {gpus:g} GPU, {batch_windows} windows per batch", file=out, flush=True)
@@ -232,7 +241,12 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
             sink.audit("batch.started", {"files": len(paths), "model": model, "run": key})
 
         ctx = ray.data.DataContext.get_current()
+        saved_ctx = (ctx.enable_progress_bars, ctx.target_max_block_size)
         ctx.enable_progress_bars = bool(getattr(out, "isatty", lambda: False)())
+        # Blocks of about one model batch of windows: Ray Data hands an actor whole blocks, and
+        # at its default 128 MiB a long file's windows (~65 per block) would all go to one
+        # actor while the others idle.
+        ctx.target_max_block_size = batch_windows * stages.WINDOW_BYTES
         common = {"options": options, "model": model, "device": device}
         ds = ray.data.from_items([{"path": p} for p in todo],
                                  override_num_blocks=max(1, min(len(todo), 32 * int(resources.get("CPU", 1)))))
@@ -260,6 +274,9 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         last = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for row in stages.to_rows(batch):
+                summary.decode_s += row["decode_s"]
+                summary.model_s += row["model_s"]
+                summary.windows += int(row["model_s"] > 0)
                 if row["status"] == "skipped":
                     summary.skipped += 1
                     prior = by_sha.get(row["sha256"])
@@ -292,6 +309,8 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
                                           "failed": summary.failed, "skipped": summary.skipped,
                                           "audio_s": round(summary.audio_s, 1), "wall_s": round(summary.wall_s, 1)})
     finally:
+        if saved_ctx is not None:
+            ctx.enable_progress_bars, ctx.target_max_block_size = saved_ctx
         if writer:
             writer.close()
             writer.compact()
@@ -299,6 +318,26 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
             ray.shutdown()
     print(summary.table(), file=out, flush=True)
     return summary
+
+
+def _actor_plan(cfg: RunConfig, resources: dict[str, float], gpus: float, *,
+                pools: int) -> tuple[int, int, int | None]:
+    """(actors per pool, windows per model batch, torch threads per actor) unless given.
+
+    GPU: one actor per `gpus` share, 32 windows. CPU: one single-threaded actor per CPU (shared
+    among the `pools`: Whisper, and diarization with --diarize), 8 windows. Measured on 2 cores
+    with tiny.en: a second torch thread makes the encoder 2x faster but the decoder, a chain of
+    small matrix products, only ~1.3x, so two one-thread actors outrun one two-thread actor by
+    ~25%. One thread is also what the online ASR replica runs (serve_config.yaml, num_cpus 1), so
+    the two paths compute the same numbers. Each actor holds its own model (tiny.en ~0.5 GB;
+    give --actors for larger models).
+    """
+    if gpus > 0:
+        actors = cfg.actors or max(1, int(resources.get("GPU", 0) // gpus))
+        return actors, cfg.batch_windows or 32, cfg.threads_per_actor
+    actors = cfg.actors or max(1, int(resources.get("CPU", 1)) // pools)
+    threads = cfg.threads_per_actor or max(1, int(resources.get("CPU", 1)) // (actors * pools))
+    return actors, cfg.batch_windows or 8, threads
 
 
 def _actor_cpus(cpus: float, actors: int, *, pools: int, gpus: float) -> float:
@@ -394,9 +433,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--max-speakers", type=int)
     p.add_argument("--num-gpus-per-actor", type=float,
                    help="GPUs per Whisper actor, fractions allowed (default: 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--actors", type=int, help="Whisper actors (default: one per GPU, or 1 on CPU)")
+    p.add_argument("--actors", type=int, help="Whisper actors (default: one per GPU, or one per CPU)")
     p.add_argument("--batch-windows", type=int, help="30 s windows per model call (default 32 GPU, 8 CPU)")
-    p.add_argument("--threads-per-actor", type=int, help="torch threads per actor on CPU")
+    p.add_argument("--threads-per-actor", type=int, help="torch threads per actor on CPU (default: CPUs / all actors)")
     p.add_argument("--retry-failed", action="store_true", help="process files an earlier run recorded as failed")
     p.add_argument("--ray-address", help="cluster to use; 'local' starts a private one (default: RAY_ADDRESS, "
                                          "a running cluster, else a private one for this run)")

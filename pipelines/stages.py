@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -26,13 +27,16 @@ from speech.types import SAMPLE_RATE, Segment, SpeakerTurn, TranscribeOptions, W
 
 log = logging.getLogger(__name__)
 
+WINDOW_BYTES = 30 * SAMPLE_RATE * 4
+"""Bytes of one full window's samples (float32): what a window row weighs in a block."""
+
 FILE_ROW = -1
 """`window_index` of a row that stands for a whole file (failed, skipped, silent, or not yet split)."""
 
 COLUMNS: dict[str, Any] = {
     "path": "", "sha256": "", "size": 0, "status": "ok", "error": "", "error_code": "",
     "duration_s": 0.0, "n_windows": 0, "window_index": FILE_ROW, "offset_s": 0.0, "n_samples": 0,
-    "samples": b"", "speech": "", "turns": "", "result": "",
+    "samples": b"", "speech": "", "turns": "", "result": "", "decode_s": 0.0, "model_s": 0.0,
 }
 """Every row has every column; the value here is what a row that does not use it holds."""
 
@@ -90,6 +94,8 @@ def decode_files(
     out: list[dict[str, Any]] = []
     for path in batch["path"]:
         row: dict[str, Any] = {"path": str(path)}
+        started = time.perf_counter()
+        first = len(out)
         try:
             data = read_bytes(row["path"])
             row.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
@@ -105,6 +111,8 @@ def decode_files(
                 out.append({**row, "samples": audio.tobytes(), "n_samples": len(audio)})
         except Exception as exc:  # noqa: BLE001 - one bad file is recorded, never stops the batch
             out.append(failure(row, exc))
+        finally:
+            out[first]["decode_s"] = time.perf_counter() - started  # on the file's first row only
     return to_columns(out)
 
 
@@ -117,11 +125,13 @@ def split_files(
         if row["status"] != "ok":
             out.append(row)
             continue
+        first = len(out)
         try:
             audio = np.frombuffer(row["samples"], dtype=np.float32)
             out.extend(window_rows(row, audio, options, model=model, device=device))
         except Exception as exc:  # noqa: BLE001
             out.append(failure(row, exc))
+        out[first]["decode_s"] = row["decode_s"]  # counted once per file
     return to_columns(out)
 
 
@@ -159,7 +169,7 @@ def window_rows(
     from speech.asr import _speech_within
 
     regions, spans = _plan(audio, model, device)
-    base = {**row, "n_windows": len(spans), "samples": b"", "n_samples": 0}
+    base = {**row, "n_windows": len(spans), "samples": b"", "n_samples": 0, "decode_s": 0.0}
     if not spans:
         return [{**base, "window_index": FILE_ROW}]  # no speech: an empty transcript, no model time
     return [
@@ -215,9 +225,11 @@ class WhisperStage:
                 for r in work
             ]
             try:
+                started = time.perf_counter()
                 results = self.engine.transcribe_windows(windows)
+                share = (time.perf_counter() - started) / len(work)  # the batch's time, per window
                 for r, res in zip(work, results, strict=True):
-                    r["result"] = result_to_json(res)
+                    r["result"], r["model_s"] = result_to_json(res), share
             except Exception as exc:  # noqa: BLE001 - the files of this batch fail, the run goes on
                 log.exception("transcription of a batch of %d windows failed", len(work))
                 for r in work:

@@ -61,3 +61,16 @@ def decode():
     from speech.audio import decode_audio
 
     return decode_audio
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test, as the pipeline's CPU actors and the online ASR replica
+    run it: with another thread count text and times are the same but scores such as
+    avg_logprob differ in the seventh digit (float sums are split differently)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -85,6 +85,21 @@ def test_every_file_has_one_record_and_the_summary_counts_them(runs: Runs) -> No
     assert (runs.first.files, runs.first.succeeded, runs.first.failed) == (6, 4, 2)
     assert runs.first.exit_code == 1  # some files failed: the run says so
     assert runs.first.audio_s == pytest.approx(11.0 + 5.86 + 1.10 + 1.60, abs=0.1)
+    # where the time went: one 30 s window per clip, time inside the model and in the CPU stage
+    assert runs.first.windows == len(CLIPS)
+    assert runs.first.model_s > 0 and runs.first.decode_s > 0
+
+
+def test_cpu_actors_default_to_one_thread_each() -> None:
+    """One single-threaded Whisper actor per CPU (shared with the diarization pool), as the
+    online replicas run; on GPUs one actor per GPU share and larger batches."""
+    from pipelines.batch_transcribe import _actor_plan
+
+    cfg = RunConfig(inputs=["x"])
+    assert _actor_plan(cfg, {"CPU": 2.0}, 0.0, pools=1) == (2, 8, 1)
+    assert _actor_plan(cfg, {"CPU": 2.0}, 0.0, pools=2) == (1, 8, 1)
+    assert _actor_plan(cfg, {"CPU": 16.0, "GPU": 4.0}, 1.0, pools=1) == (4, 32, None)
+    assert _actor_plan(RunConfig(inputs=["x"], actors=1, batch_windows=4), {"CPU": 4.0}, 0.0, pools=1) == (1, 4, 4)
 
 
 def test_transcripts_match_the_references(runs: Runs, speech_data_dir: Path) -> None:
@@ -99,6 +114,7 @@ def test_transcripts_match_the_references(runs: Runs, speech_data_dir: Path) -> 
     assert wer <= 0.10, list(zip(refs, hyps))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_transcripts_equal_the_engine_called_directly(runs: Runs, speech_data_dir: Path, model_cache_dir: Path) -> None:
     """Same file, same options: the pipeline's transcript is the engine's, field for field."""
     from pipelines.stages import split_windows

@@ -104,11 +104,10 @@ def test_speaker_turns_are_written_as_rttm_beside_the_output(diarized: DiarizedR
         assert speakers == {t["speaker"] for t in rec.speakers or []}, path.read_text()
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_records_equal_the_transcriber_on_the_same_file(diarized: DiarizedRun, model_cache_dir: Path) -> None:
     """Same file, same options: the pipeline's diarized transcript is the shared core's, field
     for field (speakers, turns, words and their labels)."""
-    import torch
-
     from config.settings import get_settings
     from speech.asr import WhisperEngine
     from speech.audio import decode_audio
@@ -116,7 +115,6 @@ def test_records_equal_the_transcriber_on_the_same_file(diarized: DiarizedRun, m
     from speech.transcriber import Transcriber
     from speech.types import TranscribeOptions
 
-    torch.set_num_threads(2)  # as the pipeline's actors on this 2-CPU cluster
     settings = get_settings()
     transcriber = Transcriber(WhisperEngine("tiny.en", device="cpu", cache_dir=model_cache_dir),
                               DiarizationEngine(settings.DIARIZATION_MODEL_PATH, device="cpu"))
