@@ -119,8 +119,9 @@ class JobRunner:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self.processed: list[str] = []
-        """Ids of jobs this runner finished (any terminal status), in order."""
+        self.processed = 0
+        """Jobs this runner finished (any terminal status): a count, so a long-lived replica
+        does not keep every job id it ever ran."""
         self._held: set[str] = set()
         """Ids of the jobs whose model call is in progress (claimed, result not yet written)."""
         self._writes: set[asyncio.Task[Any]] = set()
@@ -360,7 +361,7 @@ class JobRunner:
         log.info("job finished", extra={"job_id": job.id, "status": status, "attempt": job.attempts,
                                         "runner": self.owner})
         if status in TERMINAL_STATUSES:
-            self.processed.append(job.id)
+            self.processed += 1
             if job.callback_url:
                 self._spawn(self._send_webhook(job.id))
 
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
                 pass
         else:
             await runner.run_until_stopped()
-        log.info("runner stopped", extra={"runner": runner.owner, "processed": len(runner.processed)})
+        log.info("runner stopped", extra={"runner": runner.owner, "processed": runner.processed})
 
     asyncio.run(amain())
 

@@ -78,7 +78,7 @@ class JobRunnerDeployment:
         runner = self._runner
         return {"owner": runner.owner if runner else None, "concurrency": self._concurrency,
                 "running": runner.running if runner else [],
-                "processed": len(runner.processed) if runner else 0,
+                "processed": runner.processed if runner else 0,
                 "healthy": runner is None or runner.failure() is None}
 
     async def __del__(self) -> None:
@@ -89,4 +89,4 @@ class JobRunnerDeployment:
         running = runner.running
         await runner.stop(release=True)
         log.info("job runner stopped", extra={"runner": runner.owner, "released": running,
-                                              "processed": len(runner.processed)})
+                                              "processed": runner.processed})

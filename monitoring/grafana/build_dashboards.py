@@ -193,7 +193,9 @@ DASHBOARDS = {
         [
             stat("Real-time factor (ASR)", "avg(ray_speech_asr_real_time_factor)", "short",
                  "Audio seconds per compute second; higher is faster"),
-            stat("Mean ASR batch size", "sum(rate(ray_speech_asr_batch_size_sum[15m])) "
+            # windows over batches, not the histogram's _sum: Ray approximates that from bucket
+            # midpoints, which reads about half the true size for small batches
+            stat("Mean ASR batch size", "sum(rate(ray_speech_asr_windows_total[15m])) "
                  "/ sum(rate(ray_speech_asr_batch_size_count[15m]))"),
             stat("ASR errors (1 h)", "sum(increase(ray_speech_asr_errors_total[1h]))"),
             stat("Longest model load", "max(ray_speech_model_load_seconds)", "s"),
