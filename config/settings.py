@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     """Decoded audio longer than this is refused before any model time is spent."""
     UPLOAD_STALL_TIMEOUT_S: float = Field(default=30.0, gt=0)
     """An upload whose body sends nothing for this long is answered 408 and dropped."""
+    UPLOAD_MIN_RATE_BPS: int = Field(default=1000, ge=0)
+    """Past its first UPLOAD_STALL_TIMEOUT_S an upload must average at least this many bytes per
+    second (0 = no floor), or it is answered 408: a client trickling a byte every few seconds
+    never stalls, and would otherwise hold a request for Ray's 10-minute timeout."""
     STORAGE_QUOTA_BYTES: int = Field(default=0, ge=0)
     """Bytes of audio storage (stored audio + uploads in progress); 0 = unlimited. An upload that
     would pass it is refused with 507 while it is copied, and leaves nothing behind."""

@@ -70,13 +70,16 @@ class UploadTooLargeError(ApiError):
 
 
 class UploadStalledError(ApiError):
-    """408: the client stopped sending the request body for `timeout_s` (a stalled upload)."""
+    """408: the client stopped sending the request body for `timeout_s` (a stalled upload), or
+    sent it slower than `min_rate_bps` on average (a trickled one)."""
 
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(408, f"The upload sent nothing for {timeout_s:g} s and was dropped; "
-                         "send the whole body without pausing.", code="upload_timeout",
-                         headers={"Connection": "close"})
+    def __init__(self, timeout_s: float, min_rate_bps: int | None = None) -> None:
+        what = (f"arrived slower than {min_rate_bps} bytes/s" if min_rate_bps
+                else f"sent nothing for {timeout_s:g} s")
+        super().__init__(408, f"The upload {what} and was dropped; send the whole body without pausing.",
+                         code="upload_timeout", headers={"Connection": "close"})
         self.timeout_s = timeout_s
+        self.min_rate_bps = min_rate_bps
 
 
 class InsufficientStorageError(ApiError):
@@ -143,7 +146,7 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing, malformed or revoked API key",
     403: "The key may not do this (admin keys only)",
     404: "No such resource for this key (another user's job is a 404 too)",
-    408: "The upload stalled: nothing was sent for UPLOAD_STALL_TIMEOUT_S",
+    408: "The upload stalled: nothing was sent for UPLOAD_STALL_TIMEOUT_S, or less than UPLOAD_MIN_RATE_BPS on average",
     409: "The job is not in a state that allows this",
     413: "The upload is larger than AUDIO_MAX_FILE_SIZE",
     429: "Rate limit reached; retry after Retry-After seconds",

@@ -76,6 +76,8 @@ class IngressConfig:
     upload_stall_timeout_s: float = field(
         default_factory=lambda: get_settings().UPLOAD_STALL_TIMEOUT_S)
     """A request body that sends nothing for this long is answered 408."""
+    upload_min_rate_bps: int = field(default_factory=lambda: get_settings().UPLOAD_MIN_RATE_BPS)
+    """... or that, past its first `upload_stall_timeout_s`, averages fewer bytes per second."""
     retry_after_s: float = 1.0
     """Retry-After for 503s when Serve does not say better."""
     queue_timeout_s: float | None = 20.0
@@ -336,7 +338,8 @@ def create_app(services: Services) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware,
                        limit_bytes=services.config.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
-                       stall_timeout_s=services.config.upload_stall_timeout_s)
+                       stall_timeout_s=services.config.upload_stall_timeout_s,
+                       min_rate_bps=services.config.upload_min_rate_bps)
     app.add_middleware(HttpMetricsMiddleware)
     return app
 

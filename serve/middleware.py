@@ -31,12 +31,17 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 class BodyLimitMiddleware:
     """413 for uploads over the limit: by Content-Length before reading anything, else while
     the body streams in (the request never gets past `limit_bytes`); 408 for a body that stops
-    arriving for `stall_timeout_s` (None: wait as long as the server in front does)."""
+    arriving for `stall_timeout_s` (None: wait as long as the server in front does), or that
+    after that first `stall_timeout_s` averages under `min_rate_bps` (0: no floor). The floor is
+    Apache mod_reqtimeout's MinRate: each byte received buys 1/min_rate more seconds, so a
+    client trickling a byte now and then is cut off while a slow but real upload is not."""
 
-    def __init__(self, app: ASGIApp, limit_bytes: int, stall_timeout_s: float | None = None) -> None:
+    def __init__(self, app: ASGIApp, limit_bytes: int, stall_timeout_s: float | None = None,
+                 min_rate_bps: int = 0) -> None:
         self.app = app
         self.limit_bytes = limit_bytes
         self.stall_timeout_s = stall_timeout_s
+        self.min_rate_bps = min_rate_bps
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -52,16 +57,23 @@ class BodyLimitMiddleware:
         started = False
         body_done = False
         stall_s = self.stall_timeout_s
+        min_rate = self.min_rate_bps
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
 
         async def limited_receive() -> Message:
             nonlocal seen, body_done
             if body_done or stall_s is None:
                 message = await receive()  # after the body: only a disconnect comes, wait for it
             else:
+                wait, rate_bound = stall_s, False
+                if min_rate:
+                    budget = begun + stall_s + seen / min_rate - loop.time()
+                    wait, rate_bound = min(stall_s, max(budget, 0.0)), budget < stall_s
                 try:
-                    message = await asyncio.wait_for(receive(), stall_s)
+                    message = await asyncio.wait_for(receive(), wait)
                 except asyncio.TimeoutError:
-                    raise UploadStalledError(stall_s) from None
+                    raise UploadStalledError(stall_s, min_rate if rate_bound else None) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)

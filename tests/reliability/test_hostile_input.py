@@ -401,18 +401,14 @@ def test_a_50_mib_streamed_body_is_refused_with_413_long_before_it_is_all_sent_a
 
 
 # --------------------------------------------------------------------------- stalled upload
-@pytest.mark.parametrize("route", ROUTES)
-def test_an_upload_that_stalls_mid_body_is_answered_408_after_the_stall_timeout(
-        stack: Stack, route: str) -> None:
-    """Headers and the first 1000 bytes of a declared 100 kB body, then nothing: the ingress
-    answers 408 (OpenAI-shaped) UPLOAD_STALL_TIMEOUT_S after the last byte, instead of holding
-    the request until Ray's 10-minute request timeout."""
+def _held_upload(stack: Stack, route: str, name: str, trickle_every_s: float | None) -> tuple[int | None, dict, float]:
+    """Headers and the first 1000 bytes of a declared 100 kB body, then nothing (or one byte
+    every `trickle_every_s`): (status, error, seconds from the first 1000 bytes to the answer)."""
     path, fields = (TRANSCRIBE, {"model": "whisper-1"}) if route == "sync" else (JOBS, {})
     url = urlparse(stack.service.base_url)
-    head = multipart_head(fields, "stalled.wav")
+    head = multipart_head(fields, name)
     tail = f"\r\n--{BOUNDARY}--\r\n".encode()
     length = len(head) + 100_000 + len(tail)
-    before = Snapshot.take(stack)
     reply = b""
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\n"
@@ -420,21 +416,57 @@ def test_an_upload_that_stalls_mid_body_is_answered_408_after_the_stall_timeout(
                       f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
                       f"Content-Length: {length}\r\n\r\n").encode() + head + b"\0" * 1000)
         t0 = time.monotonic()
-        sock.settimeout(UPLOAD_STALL_TIMEOUT_S + 30)
-        try:
-            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        sock.settimeout(trickle_every_s or UPLOAD_STALL_TIMEOUT_S + 30)
+        while time.monotonic() - t0 < UPLOAD_STALL_TIMEOUT_S + 30:
+            try:
                 data = sock.recv(65_536)
-                if not data:
+            except TimeoutError:
+                if trickle_every_s is None:
                     break
-                reply += data
-        except TimeoutError:
-            pass
+                try:
+                    sock.sendall(b"\0")
+                except OSError:
+                    pass  # answered and closed in the meantime: read the answer
+                continue
+            if not data:
+                break
+            reply += data
+            if b"\r\n\r\n" in reply and reply.rstrip().endswith(b"}"):
+                break
         waited = time.monotonic() - t0
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] if status else {}
+    return status, error, waited
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_upload_that_stalls_mid_body_is_answered_408_after_the_stall_timeout(
+        stack: Stack, route: str) -> None:
+    """Headers and the first 1000 bytes of a declared 100 kB body, then nothing: the ingress
+    answers 408 (OpenAI-shaped) UPLOAD_STALL_TIMEOUT_S after the last byte, instead of holding
+    the request until Ray's 10-minute request timeout."""
+    before = Snapshot.take(stack)
+    status, error, waited = _held_upload(stack, route, "stalled.wav", trickle_every_s=None)
     stack.ledger.request(status)
     stack.ledger.bad_input(f"{route}: upload stalled mid-body", 408, status or 0)
-    assert status == 408, f"after {waited:.0f} s: {reply[:300]!r}"
-    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert status == 408, f"after {waited:.0f} s: {error}"
     assert error["code"] == "upload_timeout", error
     assert UPLOAD_STALL_TIMEOUT_S - 1 <= waited <= UPLOAD_STALL_TIMEOUT_S + 10, waited
     before.assert_nothing_left(stack, f"{route}: stalled upload")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_upload_trickled_a_byte_at_a_time_is_answered_408_by_the_rate_floor(
+        stack: Stack, route: str) -> None:
+    """The same body, then one byte every 2 s: it never stalls, but past the first
+    UPLOAD_STALL_TIMEOUT_S it averages far under UPLOAD_MIN_RATE_BPS (1000 bytes/s by default),
+    so it is cut off about a second later (the 1000 bytes bought one) instead of holding a
+    request for Ray's 10 minutes (a slowloris)."""
+    before = Snapshot.take(stack)
+    status, error, waited = _held_upload(stack, route, "trickled.wav", trickle_every_s=2.0)
+    stack.ledger.request(status)
+    stack.ledger.bad_input(f"{route}: upload trickled a byte every 2 s", 408, status or 0)
+    assert status == 408, f"after {waited:.0f} s: {error}"
+    assert error["code"] == "upload_timeout" and "bytes/s" in error["message"], error
+    assert UPLOAD_STALL_TIMEOUT_S <= waited <= UPLOAD_STALL_TIMEOUT_S + 10, waited
+    before.assert_nothing_left(stack, f"{route}: trickled upload")
