@@ -233,7 +233,7 @@ def main() -> int:
         print(f"starting the stack in {work} (load average {_load()})", flush=True)
         with running_stack(work, get_settings().MODEL_CACHE_DIR, ledger) as stack:
             url = stack.service.base_url
-            headers = [u.auth for u in user_keys(stack.db_url, LOAD_USER, LOAD_KEYS, "soak")]
+            headers = [u.headers for u in user_keys(stack.db_url, LOAD_USER, LOAD_KEYS, "soak")]
             print(f"service up at {url} after {time.monotonic() - t_start:.0f} s", flush=True)
             drive(url, 2, 5, headers=headers, timeout_s=args.timeout_s)  # warm-up
 

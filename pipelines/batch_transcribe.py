@@ -99,8 +99,6 @@ class Summary:
     threads: int | None = None
     """Torch threads per CPU actor (None on GPU)."""
     failures: list[FileRecord] = field(default_factory=list)
-    stage_stats: str = ""
-    """Ray Data's per-stage timing of the run (where the time went), for bench/ and debugging."""
 
     @property
     def rtfx(self) -> float:
@@ -303,7 +301,6 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
                 last = now
                 _progress(summary, now - t0, assembler.in_flight, out)
         summary.wall_s = time.perf_counter() - t0
-        summary.stage_stats = ds.stats()
         if sink:
             sink.audit("batch.finished", {"files": summary.files, "succeeded": summary.succeeded,
                                           "failed": summary.failed, "skipped": summary.skipped,

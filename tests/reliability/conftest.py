@@ -21,7 +21,7 @@ from tests.reliability.support import (  # noqa: F401 - re-exported for the suit
     MAX_UPLOAD_BYTES,
     Ledger,
     Stack,
-    User,
+    Caller,
     running_stack,
 )
 

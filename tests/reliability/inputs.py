@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from tests.reliability.support import Stack, User
+from tests.reliability.support import Stack, Caller
 
 TRANSCRIBE = "/v1/audio/transcriptions"
 JOBS = "/v1/jobs"
@@ -59,11 +59,11 @@ def multipart_head(fields: dict[str, str], filename: str = "upload.wav") -> byte
                   f"filename=\"{filename}\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
 
 
-def post_form(stack: Stack, path: str, user: User | None, fields: dict[str, str | bytes],
+def post_form(stack: Stack, path: str, user: Caller | None, fields: dict[str, str | bytes],
               file: tuple[str | bytes, bytes] | None, timeout_s: float = 120) -> httpx.Response:
     body, headers = multipart(fields, file)
     if user is not None:
-        headers.update(user.auth)
+        headers.update(user.headers)
     return httpx.post(stack.url(path), content=body, headers=headers, timeout=timeout_s)
 
 
@@ -158,19 +158,19 @@ class Snapshot:
 
 
 # --------------------------------------------------------------------------- jobs
-def wait_for_job(stack: Stack, user: User, job_id: str, timeout_s: float = 180) -> dict[str, Any]:
+def wait_for_job(stack: Stack, user: Caller, job_id: str, timeout_s: float = 180) -> dict[str, Any]:
     """The job once it has finished (any final status)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        job = httpx.get(stack.url(f"{JOBS}/{job_id}"), headers=user.auth, timeout=30).json()
+        job = httpx.get(stack.url(f"{JOBS}/{job_id}"), headers=user.headers, timeout=30).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout_s} s"
         time.sleep(0.5)
 
 
-def delete_job(stack: Stack, user: User, job_id: str) -> None:
-    response = httpx.delete(stack.url(f"{JOBS}/{job_id}"), headers=user.auth, timeout=30)
+def delete_job(stack: Stack, user: Caller, job_id: str) -> None:
+    response = httpx.delete(stack.url(f"{JOBS}/{job_id}"), headers=user.headers, timeout=30)
     assert response.status_code == 200, response.text
 
 

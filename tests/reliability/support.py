@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.db.support import PG_ADMIN, pg_admin
+from tests.db.support import PG_ADMIN, Caller, pg_admin
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "speech"
@@ -354,17 +354,6 @@ UPLOAD_STALL_TIMEOUT_S = 10.0
 
 
 @dataclass
-class User:
-    email: str
-    key_id: str
-    key: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-
-@dataclass
 class Stack:
     service: ServiceProcess
     db_proxy: FaultProxy
@@ -372,9 +361,9 @@ class Stack:
     db_url: str
     """Direct to PostgreSQL (not through the proxy): the tests' own view of the database."""
     storage: Path
-    admin: User
-    alice: User
-    bob: User
+    admin: Caller
+    alice: Caller
+    bob: Caller
     ledger: Ledger
 
     def url(self, path: str) -> str:
@@ -385,7 +374,7 @@ class Stack:
         return [p for p in self.storage.rglob("*") if p.is_file() and p.suffix != ".log"]
 
 
-def make_users(db_url: str) -> tuple[User, User, User]:
+def make_users(db_url: str) -> tuple[Caller, Caller, Caller]:
     """admin@example.com (admin), alice@ and bob@example.com, one key each."""
     from db import repository as repo
     from db.session import session_scope
@@ -398,12 +387,12 @@ def make_users(db_url: str) -> tuple[User, User, User]:
             user = repo.create_user(session=session, email=email, is_admin=admin)
             session.flush()
             key_id, key = create_key_for(session=session, user=user, name="reliability")
-            users.append(User(email, key_id, key))
+            users.append(Caller(email, key_id, key))
     return users[0], users[1], users[2]
 
 
-def user_keys(db_url: str, email: str, n: int, name: str = "reliability") -> list[User]:
-    """`n` new keys of the ordinary user `email` (created when missing), one `User` per key: to
+def user_keys(db_url: str, email: str, n: int, name: str = "reliability") -> list[Caller]:
+    """`n` new keys of the ordinary user `email` (created when missing), one `Caller` per key: to
     spread many clients over several keys so that the per-key rate limit does not decide."""
     from db import repository as repo
     from db.session import session_scope
@@ -417,7 +406,7 @@ def user_keys(db_url: str, email: str, n: int, name: str = "reliability") -> lis
             session.flush()
         for _ in range(n):
             key_id, key = create_key_for(session=session, user=user, name=name)
-            out.append(User(email, key_id, key))
+            out.append(Caller(email, key_id, key))
     return out
 
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.reliability.inputs import JOBS, TRANSCRIBE, Snapshot, delete_job, post_form, wait_for_job
-from tests.reliability.support import JFK, KEY_LIMIT_PER_MINUTE, ROOT, Stack, User, user_keys
+from tests.reliability.support import JFK, KEY_LIMIT_PER_MINUTE, ROOT, Stack, Caller, user_keys
 
 ROUTES = [  # every /v1 route, with a harmless body where one is needed
     ("GET", "/v1/models"),
@@ -64,7 +64,7 @@ def _assert_error(response: httpx.Response, status: int, code: str | None = None
     return error
 
 
-def _fresh_key(stack: Stack, email: str) -> User:
+def _fresh_key(stack: Stack, email: str) -> Caller:
     return user_keys(stack.db_url, email, 1, name="test_access")[0]
 
 
@@ -100,25 +100,25 @@ def test_a_key_with_the_right_id_and_a_wrong_secret_is_a_401(stack: Stack) -> No
 
 def test_a_key_revoked_through_the_admin_api_is_refused_at_once(stack: Stack) -> None:
     key = _fresh_key(stack, "alice@example.com")
-    assert _call(stack, "GET", "/v1/models", key.auth).status_code == 200
-    revoked = _call(stack, "POST", f"/v1/admin/keys/{key.key_id}/revoke", stack.admin.auth)
+    assert _call(stack, "GET", "/v1/models", key.headers).status_code == 200
+    revoked = _call(stack, "POST", f"/v1/admin/keys/{key.key_id}/revoke", stack.admin.headers)
     assert revoked.status_code == 200, revoked.text
     assert revoked.json()["revoked"] is True and revoked.json()["id"] == key.key_id
     for method, path in ROUTES:
-        response = _call(stack, method, path, key.auth)
+        response = _call(stack, method, path, key.headers)
         stack.ledger.bad_input(f"revoked key: {method} {path}", 401, response.status_code)
         _assert_error(response, 401, "invalid_api_key")
-    assert _call(stack, "GET", "/v1/models", stack.alice.auth).status_code == 200  # her other key
+    assert _call(stack, "GET", "/v1/models", stack.alice.headers).status_code == 200  # her other key
 
 
 def test_a_key_revoked_with_the_operators_cli_is_refused_at_once(stack: Stack) -> None:
     key = _fresh_key(stack, "alice@example.com")
-    assert _call(stack, "GET", JOBS, key.auth).status_code == 200
+    assert _call(stack, "GET", JOBS, key.headers).status_code == 200
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DB_URL": stack.db_url, "ENVIRONMENT": "test"}
     done = subprocess.run([sys.executable, "-m", "serve.admin", "revoke-key", key.key_id], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and f"revoked {key.key_id}" in done.stdout, done.stderr[-2000:]
-    response = _call(stack, "GET", JOBS, key.auth)
+    response = _call(stack, "GET", JOBS, key.headers)
     stack.ledger.bad_input("key revoked with serve.admin", 401, response.status_code)
     _assert_error(response, 401, "invalid_api_key")
 
@@ -146,20 +146,20 @@ def test_another_users_job_is_a_404_on_every_job_route_like_a_job_that_never_exi
     job_id = alices_job["id"]
     never = "job_" + "0" * 24
     for method, suffix in JOB_ROUTES:
-        foreign = _call(stack, method, f"{JOBS}/{job_id}{suffix}", stack.bob.auth)
+        foreign = _call(stack, method, f"{JOBS}/{job_id}{suffix}", stack.bob.headers)
         stack.ledger.bad_input(f"bob on alice's job: {method} {suffix or '/'}", 404,
                                foreign.status_code)
         error = _assert_error(foreign, 404, "job_not_found")
-        missing = _assert_error(_call(stack, method, f"{JOBS}/{never}{suffix}", stack.bob.auth),
+        missing = _assert_error(_call(stack, method, f"{JOBS}/{never}{suffix}", stack.bob.headers),
                                 404, "job_not_found")
         assert error["message"].replace(job_id, "<id>") == missing["message"].replace(never, "<id>")
         assert error["param"] == missing["param"] == "job_id"
-    listed = _call(stack, "GET", f"{JOBS}?limit=100", stack.bob.auth).json()["data"]
+    listed = _call(stack, "GET", f"{JOBS}?limit=100", stack.bob.headers).json()["data"]
     assert job_id not in [j["id"] for j in listed]
     # nothing bob did reached it
-    mine = _call(stack, "GET", f"{JOBS}/{job_id}", stack.alice.auth)
+    mine = _call(stack, "GET", f"{JOBS}/{job_id}", stack.alice.headers)
     assert mine.status_code == 200 and mine.json()["status"] == "succeeded"
-    transcript = _call(stack, "GET", f"{JOBS}/{job_id}/transcript?format=text", stack.alice.auth)
+    transcript = _call(stack, "GET", f"{JOBS}/{job_id}/transcript?format=text", stack.alice.headers)
     assert transcript.status_code == 200 and "country" in transcript.text.lower()
 
 
@@ -172,18 +172,18 @@ def test_admin_routes_are_a_403_for_ordinary_keys_and_work_for_admins(stack: Sta
                                                                       path: str) -> None:
     path = path.format(bob=stack.bob.key_id)
     for user in (stack.alice, stack.bob):
-        response = _call(stack, method, path, user.auth)
+        response = _call(stack, method, path, user.headers)
         stack.ledger.bad_input(f"ordinary key: {method} {path}", 403, response.status_code)
         _assert_error(response, 403, "insufficient_permissions")
-    assert _call(stack, "GET", "/v1/models", stack.bob.auth).status_code == 200  # still valid
+    assert _call(stack, "GET", "/v1/models", stack.bob.headers).status_code == 200  # still valid
     if method == "GET":
-        stats = _call(stack, method, path, stack.admin.auth)
+        stats = _call(stack, method, path, stack.admin.headers)
         assert stats.status_code == 200 and stats.json()["object"] == "queue", stats.text
     else:  # an admin may revoke: a throwaway key of bob's, not the one the suite uses
         spare = _fresh_key(stack, "bob@example.com")
-        ok = _call(stack, method, f"/v1/admin/keys/{spare.key_id}/revoke", stack.admin.auth)
+        ok = _call(stack, method, f"/v1/admin/keys/{spare.key_id}/revoke", stack.admin.headers)
         assert ok.status_code == 200, ok.text
-        missing = _call(stack, method, "/v1/admin/keys/key_ffffffffffffffff/revoke", stack.admin.auth)
+        missing = _call(stack, method, "/v1/admin/keys/key_ffffffffffffffff/revoke", stack.admin.headers)
         _assert_error(missing, 404, "key_not_found")
 
 
@@ -195,12 +195,12 @@ def test_601_requests_from_one_key_in_a_minute_end_in_429_with_retry_after(stack
     t0 = time.monotonic()
     with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=8)) as client:
         def one(_: int) -> int:
-            return client.get(stack.url("/v1/models"), headers=key.auth).status_code
+            return client.get(stack.url("/v1/models"), headers=key.headers).status_code
 
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(one, range(KEY_LIMIT_PER_MINUTE)))
-        last = client.get(stack.url("/v1/models"), headers=key.auth)
-        neighbour = client.get(stack.url("/v1/models"), headers=other.auth)
+        last = client.get(stack.url("/v1/models"), headers=key.headers)
+        neighbour = client.get(stack.url("/v1/models"), headers=other.headers)
     took = time.monotonic() - t0
     for status in (*statuses, last.status_code, neighbour.status_code):
         stack.ledger.request(status)

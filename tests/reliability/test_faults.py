@@ -55,7 +55,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from tests.reliability.conftest import Stack, User
+from tests.reliability.conftest import Stack, Caller
 from tests.reliability.support import DATA, JFK, ROOT, SHORT_CLIP, wait_for
 
 REQUEST_TIMEOUT_S = 120.0
@@ -139,21 +139,21 @@ def send(stack: Stack, client: httpx.Client, what: str, method: str, path: str, 
                         retry_after=response.headers.get("retry-after"), code=code, body=body))
 
 
-def transcribe(stack: Stack, client: httpx.Client, user: User, audio: Path,
+def transcribe(stack: Stack, client: httpx.Client, user: Caller, audio: Path,
                filename: str, record: bool = True) -> Outcome:
     return send(stack, client, f"transcribe {filename}", "POST", "/v1/audio/transcriptions",
-                headers=user.auth, data={"model": "whisper-1", "response_format": "json"},
+                headers=user.headers, data={"model": "whisper-1", "response_format": "json"},
                 files={"file": (filename, audio.read_bytes(), "audio/wav")}, record=record)
 
 
-def submit_job(stack: Stack, client: httpx.Client, user: User, audio: Path, key: str,
+def submit_job(stack: Stack, client: httpx.Client, user: Caller, audio: Path, key: str,
                deadline_s: float = 120) -> str:
     """POST /v1/jobs until accepted (sent again after each 503's Retry-After, with the same
     Idempotency-Key, so a retry can never make a second job); returns the job id."""
     deadline = time.monotonic() + deadline_s
     while True:
         out = send(stack, client, f"submit {key}", "POST", "/v1/jobs",
-                   headers={**user.auth, "Idempotency-Key": key},
+                   headers={**user.headers, "Idempotency-Key": key},
                    files={"file": (audio.name, audio.read_bytes(), "audio/wav")})
         if out.status in (200, 202):
             return out.body["id"]
@@ -170,7 +170,7 @@ class SyncLoad:
     when a test killed it (`ingress_killed`) gets Ray Serve's proxy's own plain-text 500: no
     product code is left to answer it. Those, and only those, are counted apart (`lost`)."""
 
-    def __init__(self, stack: Stack, tag: str, users: list[User], files: list[Path],
+    def __init__(self, stack: Stack, tag: str, users: list[Caller], files: list[Path],
                  threads: int = 2) -> None:
         self.stack, self.tag, self.users, self.files = stack, tag, users, files
         self.outcomes: list[Outcome] = []
@@ -560,10 +560,10 @@ def test_postgres_restarted_under_load(healthy: Stack, db: DbView, driver: RayDr
                         and body["checks"]["jobs"]["database"] == "unreachable")
 
             wait_for(unready, 20, "/ready to report the database unreachable")
-            during = [send(stack, client, "list jobs", "GET", "/v1/jobs", headers=stack.bob.auth),
+            during = [send(stack, client, "list jobs", "GET", "/v1/jobs", headers=stack.bob.headers),
                       transcribe(stack, client, stack.bob, SHORT_CLIP, f"{name}-outage.wav"),
                       send(stack, client, "submit during outage", "POST", "/v1/jobs",
-                           headers={**stack.bob.auth, "Idempotency-Key": f"{name}-outage"},
+                           headers={**stack.bob.headers, "Idempotency-Key": f"{name}-outage"},
                            files={"file": ("a.wav", clips[5].read_bytes(), "audio/wav")})]
             for out in during:
                 assert (out.status, out.code) == (503, "database_unavailable"), str(out)

@@ -218,7 +218,7 @@ def test_a_request_without_a_file_part_is_a_400_naming_the_file(
         stack: Stack, route: str, case: str, body: bytes, content_type: str) -> None:
     before = Snapshot.take(stack)
     response = httpx.post(stack.url(TRANSCRIBE if route == "sync" else JOBS), content=body,
-                          headers={"Content-Type": content_type, **stack.alice.auth}, timeout=60)
+                          headers={"Content-Type": content_type, **stack.alice.headers}, timeout=60)
     stack.ledger.request(response.status_code)
     stack.ledger.bad_input(f"{route}: {case}", 400, response.status_code)
     _assert_error(response, 400, param="file")
@@ -233,7 +233,7 @@ def test_an_unknown_transcript_format_of_a_job_is_a_400(stack: Stack) -> None:
     assert submitted.status_code == 202, submitted.text
     job = wait_for_job(stack, stack.alice, submitted.json()["id"])
     response = httpx.get(stack.url(f"{JOBS}/{job['id']}/transcript"), params={"format": "docx"},
-                         headers=stack.alice.auth, timeout=30)
+                         headers=stack.alice.headers, timeout=30)
     stack.ledger.request(response.status_code)
     stack.ledger.bad_input("job: unknown transcript format", 400, response.status_code)
     _assert_error(response, 400, param="format")

@@ -81,7 +81,7 @@ def _api_jobs_in_database(stack: Stack) -> dict[str, str]:
 def test_load_steps_shed_past_saturation(stack: Stack, capsys: pytest.CaptureFixture) -> None:
     capacity = asr_capacity()
     assert STEPS[-1] > capacity, "the top step must exceed the ASR queue capacity"
-    headers = [u.auth for u in user_keys(stack.db_url, LOAD_USER, LOAD_KEYS, name="load")]
+    headers = [u.headers for u in user_keys(stack.db_url, LOAD_USER, LOAD_KEYS, name="load")]
     url = stack.service.base_url
 
     started = time.monotonic()

@@ -155,6 +155,6 @@ def test_an_upload_past_the_storage_quota_is_a_507_and_leaves_nothing(stack, rou
         again = post_form(stack, JOBS, stack.alice, {}, ("jfk.flac", audio))
         stack.ledger.request(again.status_code)
         assert again.status_code == 202, again.text
-        httpx.post(stack.url(f"{JOBS}/{again.json()['id']}/cancel"), headers=stack.alice.auth,
+        httpx.post(stack.url(f"{JOBS}/{again.json()['id']}/cancel"), headers=stack.alice.headers,
                    timeout=30)
         delete_job(stack, stack.alice, again.json()["id"])
