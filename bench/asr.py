@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.data import DATA, LONG, SEGMENTS, SR  # noqa: E402
+from bench.data import DATA, LONG, SEGMENTS, SR, require  # noqa: E402
 
 
 def _long_audio(minutes: float):
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--child", default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    require(LONG, SEGMENTS)
     if args.child:
         child(args.child, args.minutes, args.repeats, args.batch_size)
         return

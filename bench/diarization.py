@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
+from bench.data import DATA, require
 from speech.audio import decode_audio
 from speech.diarization import DiarizationEngine
 from speech.diarization.scoring import der_metric, reference, score
 from speech.types import SAMPLE_RATE
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
-"""Real recordings with references (shared/ lies beside the repository)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,8 @@ def main() -> None:
     parser.add_argument("--sets", default="dev,ami")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/diarization.md)")
     args = parser.parse_args()
+    sets = file_sets()
+    require(*(p for name in args.sets.split(",") for rec in sets[name] for p in (rec.audio, rec.rttm)))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 

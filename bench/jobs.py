@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg2  # noqa: E402
 
-DATA = Path("/work/shared/data/speech")
+from bench.data import DATA, require  # noqa: E402
+
 CLIP = DATA / "lhotse_fixtures" / "2412-153948-0000.flac"  # 11.7 s of read speech
 
 
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
+    if not args.skip_real:
+        require(CLIP)
 
     temp_db = None
     if args.db_url is None:
@@ -110,28 +113,33 @@ def main() -> None:
     try:
         from db.migrate import upgrade_head
         from db.session import dispose_all
-        from serve.job_runner import engine_transcriber, noop_transcriber
+        from tests.fakes import fake_pipeline
 
         upgrade_head(args.db_url)
         lat = claim_latency(200)
         print(f"claim latency (postgres, 200 claims): p50 {lat['p50_ms']:.2f} ms, p95 {lat['p95_ms']:.2f} ms, "
               f"mean {lat['mean_ms']:.2f} ms")
 
-        elapsed = asyncio.run(_drain(noop_transcriber(), args.jobs, Path("/nonexistent"), {}, args.concurrency))
-        print(f"noop engine: {args.jobs} jobs in {elapsed:.2f} s = {args.jobs / elapsed:.1f} jobs/s "
+        elapsed = asyncio.run(_drain(fake_pipeline(), args.jobs, Path("/nonexistent"), {}, args.concurrency))
+        print(f"queue alone (tests' fake pipeline, no model): {args.jobs} jobs in {elapsed:.2f} s = {args.jobs / elapsed:.1f} jobs/s "
               f"(runner concurrency {args.concurrency})")
 
         if not args.skip_real:
             from speech.asr import WhisperEngine
             from speech.audio import audio_duration_s, decode_audio
+            from speech.pipeline import TranscriptionPipeline
 
             engine = WhisperEngine(device="cpu")
             t0 = time.perf_counter()
             engine.load()
             print(f"real engine ({engine.model_name}) loaded in {time.perf_counter() - t0:.1f} s")
             clip_s = audio_duration_s(decode_audio(CLIP))
-            elapsed = asyncio.run(_drain(engine_transcriber(engine), args.real_jobs, CLIP, {"language": "en"},
-                                         args.concurrency))
+            pipeline = TranscriptionPipeline.local(engine)
+
+            async def local() -> TranscriptionPipeline:
+                return pipeline
+
+            elapsed = asyncio.run(_drain(local, args.real_jobs, CLIP, {"language": "en"}, args.concurrency))
             print(f"real engine: {args.real_jobs} jobs of {clip_s:.1f} s in {elapsed:.2f} s = "
                   f"{args.real_jobs / elapsed:.2f} jobs/s, {args.real_jobs * clip_s / elapsed:.1f} audio-s/s "
                   f"(one model call at a time in this process)")

@@ -26,13 +26,12 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "speech"
+from bench.data import DATA, short_clips
+
 JFK = DATA / "jfk" / "jfk.flac"
-SHORT_CLIPS = [*sorted((DATA / "pocketsphinx" / "librivox").glob("*.wav")),
-               DATA / "lhotse_fixtures" / "2412-153948-0000.flac",
-               DATA / "picovoice_leopard" / "test.wav", JFK]
-"""Real speech of 3-12 s with references (LibriVox, LibriSpeech, JFK)."""
+SHORT_CLIPS = short_clips(DATA)
+"""Real speech of 3-12 s with references (LibriVox, LibriSpeech, JFK) in the shared data;
+callers that send other clips (the reliability tests: tests/data's) pass them to `drive`."""
 
 NO_ANSWER = -1
 """The status recorded for a request that got no answer (client timeout, connection lost)."""

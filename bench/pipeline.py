@@ -38,7 +38,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.data import DATA, LONG, SEGMENTS, SR  # noqa: E402
+from bench.data import DATA, LONG, SEGMENTS, SR, require  # noqa: E402
 
 
 def _write_wav(path: Path, audio: np.ndarray) -> None:
@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=None)
     p.add_argument("--num-cpus", type=int, default=None)
     args = p.parse_args()
+    require(LONG, SEGMENTS)
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit, before Ray starts
     import ray

@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.data import require  # noqa: E402
 from bench.loadgen import JFK, SHORT_CLIPS, Level, durations  # noqa: E402
 from bench.loadgen import drive as _drive  # noqa: E402
 
@@ -88,7 +89,7 @@ def local_service() -> Iterator[str]:
            "RATE_LIMIT_KEY_PER_MINUTE": "0", "JOB_RUNNER_CONCURRENCY": "0"}
     os.environ.update(env)  # this process's settings too: the key goes into the same database
     from config.settings import get_settings
-    from serve.jobs_api import prepare_database
+    from serve.job_records import prepare_database
 
     get_settings.cache_clear()
     HEADERS["Authorization"] = f"Bearer {prepare_database()}"
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time per concurrency level")
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
     args = parser.parse_args()
+    require(*SHORT_CLIPS)
     levels = [int(x) for x in args.clients.split(",")]
     dur = durations()
     # The baseline first, before any service runs on this machine's cores.

@@ -40,7 +40,8 @@ os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit, before anything can start 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.loadgen import Level, drive, percentile, saturation, table  # noqa: E402
+from bench.data import require  # noqa: E402
+from bench.loadgen import SHORT_CLIPS, Level, drive, percentile, saturation, table  # noqa: E402
 from tests.reliability.support import (  # noqa: E402
     Ledger,
     ServiceProcess,
@@ -222,6 +223,7 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=60.0, help="RSS sampling interval")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="client timeout")
     args = parser.parse_args()
+    require(*SHORT_CLIPS)
     steps = [int(x) for x in args.clients.split(",")]
 
     from config.settings import get_settings

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     DIARIZATION_MODEL_PATH: str = "packaged"
     """`packaged` (offline checkpoints), a local pyannote pipeline directory, or a hub id."""
     STORAGE_TYPE: Literal["local"] = "local"
+    """Where uploads and job audio live. Only `local` exists: a directory (STORAGE_BASE_PATH)
+    that every replica sees, i.e. a ReadWriteMany volume on Kubernetes. Any other value is
+    refused at start (get_settings), never silently treated as local."""
     STORAGE_BASE_PATH: Path = Path("var/storage")
     AUDIO_MAX_FILE_SIZE: int = Field(default=100 * 1024 * 1024, ge=1)
     """Bytes; uploads past it are refused while streaming."""
@@ -98,7 +101,40 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.STORAGE_BASE_PATH / 'service.db').resolve()}"
 
 
+class SettingsError(ValueError):
+    """The environment holds a value the service cannot run with. The message names each
+    variable, the value it holds and what is accepted instead (no pydantic report)."""
+
+
+def _describe(error: Any) -> str:
+    """One line per refused variable: `NAME='value' is not supported; supported values: ...`."""
+    loc = error.get("loc") or ()
+    msg = str(error.get("msg", "")).removeprefix("Value error, ")
+    if not loc:  # a model validator: its message already names the variable
+        return msg
+    name = str(loc[0])
+    given = f"{name}={error.get('input')!r}"
+    field = Settings.model_fields.get(name)
+    if error.get("type") == "literal_error" and field is not None:
+        allowed = next((get_args(t) for t in (field.annotation, *get_args(field.annotation))
+                        if get_origin(t) is Literal), ())
+        if allowed:
+            return f"{given} is not supported; supported values: {', '.join(map(str, allowed))}"
+    return f"{given} is not valid: {msg}"
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a refused value raises `SettingsError` with a readable
+    message instead of pydantic's ValidationError."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise SettingsError("invalid configuration: " + "; ".join(lines)) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment (`SettingsError` when the
+    environment holds a value the service refuses; nothing is cached then)."""
+    return load_settings()

@@ -1,8 +1,8 @@
 """Windows back into one transcript per file, in the driver, as soon as a file's last window lands.
 
-Stitching is `WhisperEngine.stitch` itself (the online path's code) on an engine that is never
-loaded: it needs each window's offset and length and the input's length, not the samples, so
-zero-cost stand-ins (`np.broadcast_to`) take their place. Doing it in the driver rather than in
+Putting a file together is `speech.pipeline.assemble` itself (stitch, then the speaker merge:
+the code every other entry point runs): it needs each window's offset and length and the
+file's length, not the samples, so zero-cost stand-ins (`np.broadcast_to`) take their place. Doing it in the driver rather than in
 a groupby keeps the run streaming: a file is written (and safe from a crash) the moment it is
 done, instead of after an all-to-all shuffle of every window of the run.
 """
@@ -16,7 +16,9 @@ import numpy as np
 
 from pipelines.records import FileRecord
 from pipelines.stages import FILE_ROW, result_from_json, turns_from_json
-from speech.types import SAMPLE_RATE, TranscribeOptions
+from speech.pipeline import assemble
+from speech.request import TranscriptionRequest
+from speech.types import Window
 
 
 def _stand_in(n_samples: int) -> np.ndarray:
@@ -30,11 +32,8 @@ class _Pending:
 
 
 class Assembler:
-    def __init__(self, *, model: str, device: str, options: TranscribeOptions, run_key: str) -> None:
-        from speech.asr import WhisperEngine
-
-        self.engine = WhisperEngine(model, device=device)  # never loaded: stitch needs no model
-        self.options = options
+    def __init__(self, *, request: TranscriptionRequest, run_key: str) -> None:
+        self.request = request
         self.run_key = run_key
         self._pending: dict[str, _Pending] = {}
 
@@ -61,16 +60,9 @@ class Assembler:
         return self._finish(row, [pending.rows[i] for i in range(row["n_windows"])])
 
     def _finish(self, row: dict[str, Any], window_rows: list[dict[str, Any]]) -> FileRecord:
-        from speech.asr import Window
-        from speech.speaker_merge import assign_speakers
-
-        n_samples = int(round(row["duration_s"] * SAMPLE_RATE))
-        windows = [Window(_stand_in(r["n_samples"]), r["offset_s"], self.options, r["window_index"])
+        windows = [Window(_stand_in(r["n_samples"]), r["offset_s"], self.request.asr_options, r["window_index"])
                    for r in window_rows]
         results = [result_from_json(r["result"]) for r in window_rows]
-        transcript = self.engine.stitch(_stand_in(n_samples), windows, results, self.options)
-        turns = turns_from_json(row["turns"])
-        if turns is not None:
-            transcript = assign_speakers(transcript, turns)
+        transcript = assemble(self.request, row["duration_s"], windows, results, turns_from_json(row["turns"]))
         return FileRecord.succeeded(path=row["path"], sha256=row["sha256"], size=row["size"],
                                     transcript=transcript, run_key=self.run_key)

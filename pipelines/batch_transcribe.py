@@ -29,7 +29,9 @@ from typing import Any
 
 from pipelines.inputs import InputError, is_remote, list_inputs
 from pipelines.records import FileRecord, JsonlWriter, read_records, resolve_output, write_formats
+from speech.audio import AudioLimits
 from speech.errors import InvalidOptionError, SpeechError
+from speech.request import SpeakerHints, TranscriptionRequest, check_request
 from speech.types import TranscribeOptions
 
 log = logging.getLogger("pipelines.batch_transcribe")
@@ -71,14 +73,13 @@ class RunConfig:
     num_cpus: int | None = None
     progress_every_s: float = 10.0
 
-    def options(self) -> TranscribeOptions:
-        # diarization labels words, so it needs word timestamps (as speech.transcriber does)
-        return TranscribeOptions(language=self.language, task=self.task,  # type: ignore[arg-type]
-                                 initial_prompt=self.prompt, word_timestamps=self.word_timestamps or self.diarize)
-
-    def hints(self) -> dict[str, int | None]:
-        return {"num_speakers": self.num_speakers, "min_speakers": self.min_speakers,
-                "max_speakers": self.max_speakers}
+    def request(self) -> TranscriptionRequest:
+        """The run's one request, the same type every entry point builds."""
+        options = TranscribeOptions(language=self.language, task=self.task,  # type: ignore[arg-type]
+                                    initial_prompt=self.prompt, word_timestamps=self.word_timestamps)
+        return TranscriptionRequest(options=options, diarize=self.diarize,
+                                    speakers=SpeakerHints(self.num_speakers, self.min_speakers,
+                                                          self.max_speakers))
 
 
 @dataclass
@@ -156,8 +157,9 @@ def _connect(cfg: RunConfig) -> bool:
 # ------------------------------------------------------------------------------------ run
 def run_key(cfg: RunConfig, model: str) -> str:
     """What makes two runs' results interchangeable: model, options, diarization."""
-    diar = "off" if not cfg.diarize else ",".join(f"{k}={v}" for k, v in cfg.hints().items())
-    return f"model={model}|{cfg.options().cache_key()}|diarize={diar}"
+    request = cfg.request()
+    diar = "off" if not cfg.diarize else ",".join(f"{k}={v}" for k, v in request.speakers.as_kwargs().items())
+    return f"model={model}|{request.asr_options.cache_key()}|diarize={diar}"
 
 
 def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text stream
@@ -180,8 +182,8 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
             raise UsageError(f"unknown --format {fmt!r}; one of {', '.join(SUBTITLE_FORMATS)}")
     if cfg.formats and not cfg.output:
         raise UsageError("--format writes next to --output; give --output")
-    options = cfg.options()
-    _precheck(cfg, options)
+    request = cfg.request()
+    _precheck(cfg, request)
     model = cfg.model or settings.WHISPER_MODEL_PATH
     key = run_key(cfg, model)
 
@@ -201,7 +203,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
 
         try:
             sink = DbSink(email=cfg.user or "", run_key=key, url=cfg.db_url,
-                          options={"model": model, **_options_dict(options), "diarize": cfg.diarize})
+                          options={"model": model, **request.to_dict()})
         except UnknownUserError as exc:
             raise UsageError(str(exc)) from exc
         db_done = sink.done_hashes(include_failed=not cfg.retry_failed)
@@ -245,7 +247,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         # at its default 128 MiB a long file's windows (~65 per block) would all go to one
         # actor while the others idle.
         ctx.target_max_block_size = batch_windows * stages.WINDOW_BYTES
-        common = {"options": options, "model": model, "device": device}
+        common = {"options": request.asr_options, "device": device}
         ds = ray.data.from_items([{"path": p} for p in todo],
                                  override_num_blocks=max(1, min(len(todo), 32 * int(resources.get("CPU", 1)))))
         # Half a CPU per decode task: one thread each, often waiting on storage; and resources
@@ -253,21 +255,22 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         # would run it there and limit each model batch to the files of one input block.
         ds = ds.map_batches(stages.decode_files, batch_size=1, num_cpus=DECODE_CPUS, batch_format="numpy",
                             fn_kwargs={**common, "done": frozenset(done), "split": not cfg.diarize,
-                                       "max_duration_s": settings.AUDIO_MAX_DURATION_S})
+                                       "limits": AudioLimits(max_bytes=settings.AUDIO_MAX_FILE_SIZE,
+                                                             max_duration_s=settings.AUDIO_MAX_DURATION_S)})
         if cfg.diarize:
             ds = ds.map_batches(
                 stages.DiarizeStage, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
                 num_gpus=gpus / 2 if gpus else 0, num_cpus=actor_cpus,
                 fn_constructor_kwargs={"spec": settings.DIARIZATION_MODEL_PATH, "device": device,
-                                       "hf_token": settings.HF_TOKEN, "hints": cfg.hints(), "threads": threads})
+                                       "hf_token": settings.HF_TOKEN, "hints": request.speakers, "threads": threads})
             ds = ds.map_batches(stages.split_files, batch_size=1, num_cpus=DECODE_CPUS, batch_format="numpy", fn_kwargs=common)
         ds = ds.map_batches(
             stages.WhisperStage, batch_size=batch_windows, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
             num_gpus=(gpus / 2 if cfg.diarize else gpus) if gpus else None, num_cpus=actor_cpus,
             fn_constructor_kwargs={"model": model, "device": device, "cache_dir": str(settings.MODEL_CACHE_DIR),
-                                   "batch_windows": batch_windows, "options": options, "threads": threads})
+                                   "batch_windows": batch_windows, "options": request.asr_options, "threads": threads})
 
-        assembler = Assembler(model=model, device=device, options=options, run_key=key)
+        assembler = Assembler(request=request, run_key=key)
         root = cfg.inputs[0].rstrip("/") + "/" if len(cfg.inputs) == 1 and _is_dir(cfg.inputs[0]) else None
         last = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -380,23 +383,11 @@ def _is_dir(spec: str) -> bool:
     return not is_remote(spec) and os.path.isdir(spec.removeprefix("file://"))
 
 
-def _options_dict(options: TranscribeOptions) -> dict[str, Any]:
-    return dict(options.__dict__)
-
-
-def _precheck(cfg: RunConfig, options: TranscribeOptions) -> None:
-    """Refuse impossible options before Ray starts (the model-specific ones are checked again
-    when the Whisper actors load)."""
-    from speech.diarization.engine import validate_hints
-    from speech.languages import LANGUAGE_NAMES
-
+def _precheck(cfg: RunConfig, request: TranscriptionRequest) -> None:
+    """Refuse impossible options before Ray starts, with the rule every entry point uses (the
+    model-specific ones are checked again when the Whisper actors load)."""
     try:
-        if options.language is not None and options.language not in LANGUAGE_NAMES:
-            raise InvalidOptionError("language", f"unknown language {options.language!r}")
-        if options.task not in ("transcribe", "translate"):
-            raise InvalidOptionError("task", "task must be transcribe or translate")
-        if cfg.diarize:
-            validate_hints(cfg.num_speakers, cfg.min_speakers, cfg.max_speakers)
+        check_request(request)
         for name in ("actors", "batch_windows", "threads_per_actor"):
             value = getattr(cfg, name)
             if value is not None and value < 1:
@@ -452,14 +443,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     from config.logging_setup import configure_logging
-    from config.settings import get_settings
+    from config.settings import SettingsError, get_settings
 
-    settings = get_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FILE)
     cfg = parse_args(argv)
     try:
+        settings = get_settings()
+        configure_logging(settings.LOG_LEVEL, settings.LOG_FILE)
         return run(cfg).exit_code
-    except (UsageError, SpeechError) as exc:
+    except (UsageError, SpeechError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

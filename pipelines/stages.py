@@ -7,7 +7,8 @@ no speech), so the Whisper actors batch windows of many files together:
       [-> DiarizeStage (actor pool: turns per file) -> split_files (CPU tasks)]
       -> WhisperStage (actor pool: `WhisperEngine.transcribe_windows` over a batch of windows)
 
-The driver puts each file's windows back together (`pipelines.assemble`). Columns are plain
+The driver puts each file's windows back together (`pipelines.assemble`, with
+`speech.pipeline.assemble`: the steps are speech's, only their placement is Ray Data's). Columns are plain
 typed values (str, int, float, bytes) so every block converts to Arrow without surprises.
 """
 
@@ -23,7 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from speech.types import SAMPLE_RATE, Segment, SpeakerTurn, TranscribeOptions, Word
+from speech.asr import resolve_device
+from speech.audio import AudioLimits, load_audio
+from speech.request import SpeakerHints
+from speech.types import SAMPLE_RATE, Segment, SpeakerTurn, TranscribeOptions, Window, WindowResult, Word
+from speech.windowing import WindowPlanner, vad_kind_for
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +83,8 @@ def decode_files(
     *,
     done: frozenset[str],
     options: TranscribeOptions,
-    model: str,
     device: str,
-    max_duration_s: float | None,
+    limits: AudioLimits,
     split: bool,
 ) -> dict[str, np.ndarray]:
     """Read, hash and decode each file; with `split`, also cut it into windows (one row each).
@@ -89,7 +93,6 @@ def decode_files(
     becomes that file's `failed` row; the batch goes on.
     """
     from pipelines.inputs import read_bytes
-    from speech.audio import decode_audio
 
     out: list[dict[str, Any]] = []
     for path in batch["path"]:
@@ -102,11 +105,11 @@ def decode_files(
             if row["sha256"] in done:
                 out.append({**row, "status": "skipped"})
                 continue
-            audio = decode_audio(data, max_duration_s=max_duration_s)
+            audio = load_audio(data, limits)
             del data
             row["duration_s"] = len(audio) / SAMPLE_RATE
             if split:
-                out.extend(window_rows(row, audio, options, model=model, device=device))
+                out.extend(window_rows(row, audio, options, device=device))
             else:
                 out.append({**row, "samples": audio.tobytes(), "n_samples": len(audio)})
         except Exception as exc:  # noqa: BLE001 - one bad file is recorded, never stops the batch
@@ -117,7 +120,7 @@ def decode_files(
 
 
 def split_files(
-    batch: dict[str, np.ndarray], *, options: TranscribeOptions, model: str, device: str
+    batch: dict[str, np.ndarray], *, options: TranscribeOptions, device: str
 ) -> dict[str, np.ndarray]:
     """File rows holding the whole decoded audio -> one row per window (after diarization)."""
     out: list[dict[str, Any]] = []
@@ -128,7 +131,7 @@ def split_files(
         first = len(out)
         try:
             audio = np.frombuffer(row["samples"], dtype=np.float32)
-            out.extend(window_rows(row, audio, options, model=model, device=device))
+            out.extend(window_rows(row, audio, options, device=device))
         except Exception as exc:  # noqa: BLE001
             out.append(failure(row, exc))
         out[first]["decode_s"] = row["decode_s"]  # counted once per file
@@ -136,46 +139,27 @@ def split_files(
 
 
 @lru_cache(maxsize=4)
-def _splitter(model: str, device: str):  # type: ignore[no-untyped-def]
-    """An engine that is never loaded: only its VAD (the same one `WhisperEngine.split` uses,
-    chosen by device) and its window plan are used here, so CPU tasks never load Whisper."""
-    from speech.asr import WhisperEngine
-
-    engine = WhisperEngine(model, device=device)
-    engine.vad.load()
-    return engine
-
-
-def _plan(audio: np.ndarray, model: str, device: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """The VAD's speech regions and `WhisperEngine.split`'s windows, in samples."""
-    from speech.windowing import MAX_WINDOW_S, plan_windows
-
-    engine = _splitter(model, device)
-    regions = engine.vad.speech_regions(audio)
-    return regions, plan_windows(audio, regions, MAX_WINDOW_S)
-
-
-def split_windows(audio: np.ndarray, model: str, device: str) -> list[tuple[int, int]]:
-    """`WhisperEngine.split`'s cut, without loading the model: (start, end) sample spans."""
-    return _plan(audio, model, device)[1]
+def _planner(device: str) -> WindowPlanner:
+    """The planner the Whisper engine on `device` would use (same VAD), without its model."""
+    planner = WindowPlanner(vad_kind_for(resolve_device(device)))
+    planner.load()
+    return planner
 
 
 def window_rows(
-    row: dict[str, Any], audio: np.ndarray, options: TranscribeOptions, *, model: str, device: str
+    row: dict[str, Any], audio: np.ndarray, options: TranscribeOptions, *, device: str
 ) -> list[dict[str, Any]]:
-    """One row per window, as `WhisperEngine.split` makes them: the samples, the offset and the
-    speech the VAD heard in the window (`Window.speech`: the engine snaps word onsets to it and
-    decodes again what a segment skipped over, so without it the text and times differ)."""
-    from speech.asr import _speech_within
-
-    regions, spans = _plan(audio, model, device)
-    base = {**row, "n_windows": len(spans), "samples": b"", "n_samples": 0, "decode_s": 0.0}
-    if not spans:
+    """One row per window of `WindowPlanner.plan`: the samples, the offset and the speech the
+    VAD heard in the window (the engine snaps word onsets to it and decodes again what a
+    segment skipped over, so without it the text and times differ)."""
+    windows = _planner(device).plan(audio, options)
+    base = {**row, "n_windows": len(windows), "samples": b"", "n_samples": 0, "decode_s": 0.0}
+    if not windows:
         return [{**base, "window_index": FILE_ROW}]  # no speech: an empty transcript, no model time
     return [
-        {**base, "window_index": i, "offset_s": s / SAMPLE_RATE, "n_samples": e - s,
-         "samples": audio[s:e].tobytes(), "speech": json.dumps(_speech_within(regions, s, e))}
-        for i, (s, e) in enumerate(spans)
+        {**base, "window_index": w.index, "offset_s": w.offset_s, "n_samples": len(w.samples),
+         "samples": w.samples.tobytes(), "speech": json.dumps(w.speech)}
+        for w in windows
     ]
 
 
@@ -184,14 +168,12 @@ def speech_from_json(text: str) -> tuple[tuple[float, float], ...]:
 
 
 # ---------------------------------------------------------------------------- transcription
-def result_to_json(result: Any) -> str:
+def result_to_json(result: WindowResult) -> str:
     return json.dumps({"language": result.language,
                        "segments": [dataclasses.asdict(s) for s in result.segments]})
 
 
-def result_from_json(text: str) -> Any:
-    from speech.asr import WindowResult
-
+def result_from_json(text: str) -> WindowResult:
     data = json.loads(text)
     segments = [Segment(**{**s, "words": [Word(**w) for w in s.get("words", [])]}) for s in data["segments"]]
     return WindowResult(language=data["language"], segments=segments)
@@ -214,8 +196,6 @@ class WhisperStage:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from speech.asr import Window
-
         rows = to_rows(batch)
         work = [r for r in rows if r["status"] == "ok" and r["window_index"] != FILE_ROW]
         if work:
@@ -243,7 +223,7 @@ class WhisperStage:
 class DiarizeStage:
     """One diarization engine per actor; each call diarizes whole files (turns as JSON)."""
 
-    def __init__(self, *, spec: str, device: str, hf_token: str | None, hints: dict[str, int | None],
+    def __init__(self, *, spec: str, device: str, hf_token: str | None, hints: SpeakerHints,
                  threads: int | None = None) -> None:
         import torch
 
@@ -262,7 +242,7 @@ class DiarizeStage:
                 continue
             try:
                 audio = np.frombuffer(r["samples"], dtype=np.float32)
-                turns = self.engine.diarize(audio, **self.hints)
+                turns = self.engine.diarize(audio, **self.hints.as_kwargs())
                 r["turns"] = json.dumps([dataclasses.asdict(t) for t in turns])
             except Exception as exc:  # noqa: BLE001
                 rows[i] = failure(r, exc)

@@ -6,7 +6,8 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if ! port_open 5432; then
   if command -v pg_ctlcluster >/dev/null 2>&1; then
     echo "services: starting PostgreSQL"
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+    version=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort | head -n1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   else
     echo "services: PostgreSQL is not running on 127.0.0.1:5432 and not installed here"
   fi

@@ -1,10 +1,11 @@
 """The ASR replica: Whisper loaded once, windows of all concurrent requests batched together.
 
-A request hands over its decoded audio once (through the object store); the replica cuts it
-into <= 30 s windows and awaits each window on `_batched_windows`, a `@serve.batch` method that
-takes single windows. Serve's batch queue therefore mixes windows of every request in flight.
-The model call runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting
-requests and collecting the next batch meanwhile.
+Callers (the ingress, the job runner) plan a recording's windows themselves
+(`speech.pipeline`), so VAD and stitching never hold this replica; they send windows, a few calls
+at a time, and each window awaits `_batched_windows`, a `@serve.batch` method that takes single
+windows. Serve's batch queue therefore mixes windows of every request in flight. The model call
+runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting windows and
+collecting the next batch meanwhile.
 
 Batch size and wait come from `user_config` (`reconfigure`), so they change without a redeploy.
 """
@@ -23,10 +24,9 @@ import numpy as np
 from ray import serve
 
 from config.settings import get_settings
-from serve.errors import OverloadedError, from_speech_error
+from serve.errors import OverloadedError
 from serve.metrics import ReplicaMetrics
-from speech.errors import SpeechError
-from speech.types import SAMPLE_RATE, TranscribeOptions, Transcript
+from speech.types import SAMPLE_RATE, TranscribeOptions, Window, WindowResult
 
 log = logging.getLogger("serve.asr")
 
@@ -77,7 +77,6 @@ class ASRDeployment:
                                              "torch_threads": torch.get_num_threads()})
         self._queued = 0
         self._computing = 0
-        self._splitting = 0
         self._waiting: dict[str, int] = {}
         """Request id -> its windows not yet taken by a batch."""
         self._window_s: float | None = None
@@ -88,12 +87,9 @@ class ASRDeployment:
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
 
     def _warm_up(self) -> None:
-        """Pay first-call costs (VAD session, kernels, caches) before taking traffic, so the
-        first requests are not serialised behind them and batch like the rest."""
-        from speech.asr import Window
-
+        """Pay first-call costs (kernels, caches) before taking traffic, so the first requests
+        are not serialised behind them and batch like the rest."""
         second = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        self._engine.vad.speech_regions(second)
         self._engine.transcribe_windows([Window(second, 0.0, TranscribeOptions())])
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -106,35 +102,27 @@ class ASRDeployment:
         log.info("asr batching configured", extra={"max_batch_size": size,
                                                    "batch_wait_timeout_s": wait})
 
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
-                         max_wait_s: float | None = None) -> Transcript:
-        """Split, batch every window with whatever else is in flight, stitch.
+    async def transcribe_windows(self, windows: list[Window],
+                                 max_wait_s: float | None = None) -> list[WindowResult]:
+        """Decode windows (planned by the caller, `speech.pipeline`), each batched with whatever
+        else is in flight here; results in the same order.
 
         `max_wait_s` (synchronous requests): when the windows already here would take longer
         than that to clear (estimated from recent batches), refuse at once with 503 +
         Retry-After rather than hold the caller past its timeout. Jobs pass None and wait."""
         if max_wait_s is not None and self._window_s is not None:
-            ahead = self._queued + self._computing + self._splitting  # windows (>= 1 a request)
+            ahead = self._queued + self._computing + len(windows)
             wait_s = ahead * self._window_s
             if wait_s > max_wait_s:
                 raise OverloadedError(max(1.0, min(wait_s - max_wait_s, 30.0)))
-        engine = self._engine
-        self._splitting += 1
-        try:
-            windows = await asyncio.to_thread(engine.split, audio, options)
-        except SpeechError as exc:  # bad options: raised as an ApiError, which pickles intact
-            raise from_speech_error(exc) from None
-        finally:
-            self._splitting -= 1
         request_id = uuid.uuid4().hex
         self._waiting[request_id] = len(windows)
         self._set_queued(len(windows))
         try:
-            results = await asyncio.gather(*(self._batched_windows(_Item(request_id, w))
-                                             for w in windows))
+            return list(await asyncio.gather(*(self._batched_windows(_Item(request_id, w))
+                                               for w in windows)))
         finally:  # cancelled (caller gone, deadline): its windows left the queue unbatched
             self._set_queued(-self._waiting.pop(request_id, 0))
-        return await asyncio.to_thread(engine.stitch, audio, windows, list(results), options)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE,
                  batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
@@ -180,10 +168,12 @@ class ASRDeployment:
         self._metrics.asr_queue_length.set(self._queued)
 
     def model_info(self) -> dict[str, Any]:
-        """What `GET /v1/models` and `/ready` report."""
+        """What the model can do (`GET /v1/models`, `/ready`, request validation), and the VAD
+        callers must plan windows with so they cut exactly as this engine would."""
         engine = self._engine
         return {"id": engine.model_name, "multilingual": bool(engine.is_multilingual),
-                "languages": engine.languages(), "device": engine.device}
+                "languages": engine.languages(), "device": engine.device,
+                "vad": engine.planner.vad_kind}
 
     def batch_stats(self) -> dict[str, Any]:
         """Recent batches (size, distinct requests): the evidence that requests share batches."""

@@ -5,9 +5,10 @@ the object store) and merges the turns into the transcript. pyannote's pipeline 
 concurrent calls on one instance, so calls run one at a time in a worker thread; more throughput
 comes from more replicas (`autoscaling_config`), not from threads.
 
-If this build has no diarization engine (or its model cannot load), the replica still starts and
-answers every call with `DiarizationUnavailableError`, so transcription keeps working and
-`diarize=true` gets a clear 501 instead of a failed deployment.
+If the diarization model cannot load (missing package, bad path, gated hub id without a token,
+broken checkpoint: any exception), the replica still starts, reports `available: false` with the
+reason, and answers every call with `DiarizationUnavailableError`: transcription keeps working and
+`diarize=true` is refused with 501 at validation, instead of a failed application.
 """
 
 from __future__ import annotations
@@ -48,19 +49,17 @@ class DiarizationDeployment:
         self._lock = asyncio.Lock()
         self._engine: Any = None
         self._reason = ""
+        from speech.asr import resolve_device
+        from speech.diarization import load_diarizer
+
         model = model or settings.DIARIZATION_MODEL_PATH
-        try:
-            from speech.diarization import DiarizationEngine
-        except ImportError as exc:
-            self._reason = f"no diarization engine in this build ({exc})"
+        t0 = time.perf_counter()
+        engine, reason = load_diarizer(model, resolve_device(device or settings.AI_DEVICE),
+                                       settings.HF_TOKEN)
+        if engine is None:
+            self._reason = reason or "diarization is not available"
             log.warning("diarization unavailable", extra={"reason": self._reason})
             return
-        t0 = time.perf_counter()
-        from speech.asr import resolve_device
-
-        engine = DiarizationEngine(model, device=resolve_device(device or settings.AI_DEVICE),
-                                   hf_token=settings.HF_TOKEN)
-        engine.load()
         load_s = time.perf_counter() - t0
         self._metrics.model_load_seconds.set(load_s, tags={"model": f"diarization:{model}"})
         log.info("diarization replica ready", extra={"model": model, "load_seconds": round(load_s, 2)})

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speech.errors import (
+    AudioTooLargeError,
     AudioTooLongError,
+    DiarizationUnavailableError,
     InvalidOptionError,
     ModelNotFoundError,
     SpeechError,
@@ -174,15 +176,10 @@ def error_body(message: str, *, type: str = INVALID_REQUEST, param: str | None =
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class DiarizationUnavailableError(SpeechError):
-    """This deployment cannot diarize (engine missing or its model failed to load)."""
-
-    code = "diarization_unavailable"
-
-
 SPEECH_ERROR_STATUS: dict[type[SpeechError], int] = {
     DiarizationUnavailableError: 501,
     InvalidOptionError: 400,
+    AudioTooLargeError: 413,
     AudioTooLongError: 400,
     ModelNotFoundError: 404,
     SpeechError: 400,  # every AudioError: not audio, empty, corrupt, no audio stream

@@ -1,19 +1,21 @@
 """The job runner: claims queued jobs under a lease, transcribes them, stores results once.
 
-Transcription is an injected async callable `transcribe(audio_path, options) -> Transcript`, so the
-same runner drives the ASR deployment inside Serve (through handles) and the engine directly in a
-standalone process (`python -m serve.job_runner`). Database calls run in threads, never on the loop.
+Transcription is `speech.pipeline.TranscriptionPipeline`, the sequence every entry point runs,
+obtained from an injected async factory: inside Serve it runs on the model deployments' handles
+(serve/model_calls.py; job windows share batches with synchronous requests), in a standalone
+process (`python -m serve.job_runner`) on engines loaded here, diarizer included. Database calls
+run in threads, never on the loop.
 
 Guarantees (see db/repository.py): a job whose runner dies is claimed again when its lease expires,
 at most JOB_MAX_ATTEMPTS times; only the current lease owner may write results, and writing replaces
-what an earlier attempt wrote.
+what an earlier attempt wrote. A job whose options or audio cannot succeed fails on its first
+attempt with the reason's code; only what may be transient is retried.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextvars
 import logging
 import os
 import signal
@@ -22,60 +24,32 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any, Protocol
 
 from config.settings import get_settings
 from db import repository as repo
 from db.models import TERMINAL_STATUSES, Job, utcnow
 from db.session import get_sessionmaker
 from serve import webhooks
+from serve.storage import delete_audio
+from serve.errors import ApiError, OverloadedError, is_database_unavailable
 from speech.errors import SpeechError
-from speech.types import Segment, Transcript, TranscribeOptions
+from speech.pipeline import OnWindow, TranscriptionPipeline, WindowDone
+from speech.request import TranscriptionRequest
+from speech.types import Transcript
 
 log = logging.getLogger(__name__)
 
 
-class JobOptions(BaseModel):
-    """What a job asks for: the transcription endpoint's options plus diarization hints."""
+class Transcribes(Protocol):
+    """What the runner needs of `speech.pipeline.TranscriptionPipeline`."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    model: str | None = None
-    language: str | None = Field(default=None, max_length=16)
-    prompt: str | None = Field(default=None, max_length=4000)
-    task: Literal["transcribe", "translate"] = "transcribe"
-    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
-    word_timestamps: bool = False
-    diarize: bool = False
-    num_speakers: int | None = Field(default=None, ge=1, le=64)
-    min_speakers: int | None = Field(default=None, ge=1, le=64)
-    max_speakers: int | None = Field(default=None, ge=1, le=64)
-
-    @model_validator(mode="after")
-    def _speaker_range(self) -> JobOptions:
-        if self.min_speakers and self.max_speakers and self.min_speakers > self.max_speakers:
-            raise ValueError("min_speakers must not exceed max_speakers")
-        return self
-
-    def transcribe_options(self) -> TranscribeOptions:
-        return TranscribeOptions(language=self.language, task=self.task, initial_prompt=self.prompt,
-                                 word_timestamps=self.word_timestamps, temperature=self.temperature)
+    async def run(self, request: TranscriptionRequest, source: Path, *,
+                  on_window: OnWindow | None = None) -> Transcript: ...
 
 
-class Transcribe(Protocol):
-    def __call__(self, audio: Path, options: JobOptions) -> Awaitable[Transcript]: ...
-
-
-_progress: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar("job_progress", default=None)
-
-
-def report_progress(fraction: float) -> None:
-    """Called by a transcribe callable to publish progress (0..1); written at the next heartbeat."""
-    callback = _progress.get()
-    if callback is not None:
-        callback(min(max(fraction, 0.0), 1.0))
+PipelineFactory = Callable[[], Awaitable[Transcribes]]
+"""Async: the pipeline to run a job with (Serve: built on the handles once the models answer)."""
 
 
 WEBHOOK_STALE_S = 300.0
@@ -96,7 +70,7 @@ class JobRunner:
 
     def __init__(
         self,
-        transcribe: Transcribe,
+        pipeline: PipelineFactory,
         *,
         owner: str | None = None,
         concurrency: int = 1,
@@ -107,7 +81,7 @@ class JobRunner:
         delete_audio: Callable[[str], None] | None = None,
     ) -> None:
         s = get_settings()
-        self.transcribe = transcribe
+        self.pipeline = pipeline
         self.owner = owner or default_owner()
         self.concurrency = concurrency
         self.lease_s = lease_s or s.JOB_LEASE_S
@@ -148,8 +122,6 @@ class JobRunner:
         return await asyncio.shield(write)
 
     async def _write_retrying(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-        from serve.errors import is_database_unavailable
-
         delay = min(self.poll_s, 1.0)
         while True:
             try:
@@ -230,8 +202,6 @@ class JobRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a DB outage must not kill the loop
-                from serve.errors import is_database_unavailable
-
                 if is_database_unavailable(exc):
                     log.warning("runner: database unavailable; retrying",
                                 extra={"runner": self.owner, "error": type(exc).__name__})
@@ -265,13 +235,7 @@ class JobRunner:
                 pass
 
     def _remove_audio(self, sha256: str) -> None:
-        remover = self._delete_audio
-        if remover is None:
-            try:
-                from serve.storage import delete_audio as remover  # type: ignore[no-redef]
-            except ImportError:  # storage module not present in this deployment
-                return
-        remover(sha256)
+        (self._delete_audio or delete_audio)(sha256)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -291,14 +255,12 @@ class JobRunner:
     async def _process(self, job: Job) -> None:
         log.info("job claimed", extra={"job_id": job.id, "attempt": job.attempts, "runner": self.owner})
         progress: list[float] = [0.0]
-        _progress.set(lambda fraction: progress.__setitem__(0, fraction))  # seen by the work task below
-        try:
-            options = JobOptions.model_validate(job.options)
-        except ValueError as exc:
-            await self._finish(job, await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
-                                                             error=f"invalid_option: {exc}", retry=False))
-            return
-        work = asyncio.ensure_future(self.transcribe(Path(job.audio_path or ""), options))
+
+        def on_window(done: WindowDone) -> None:  # written at the next heartbeat
+            progress[0] = (done.index + 1) / done.total
+
+        request = TranscriptionRequest.from_dict(job.options or {})
+        work = asyncio.ensure_future(self._transcribe(request, Path(job.audio_path or ""), on_window))
         self._held.add(job.id)
         try:
             if not await self._heartbeat(job, work, progress):
@@ -308,35 +270,46 @@ class JobRunner:
             if not work.done():  # stopped, cancelled or lease lost: no orphaned model call
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
-        from serve.errors import OverloadedError
-
         try:
             transcript = work.result()
         except OverloadedError:  # backpressure: not the job's fault, so the attempt is not counted
             status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
                                              error="model overloaded; requeued", retry=True, refund_attempt=True)
             await asyncio.sleep(self.poll_s)
-        except SpeechError as exc:  # bad input: retrying cannot help
-            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
-                                             error=f"{exc.code}: {exc}", retry=False)
+        except SpeechError as exc:  # bad options or audio: retrying cannot help
+            status = await self._fail(job, f"{exc.code}: {exc}")
+        except ApiError as exc:
+            if 400 <= exc.status_code < 500:  # the replica refused the request itself
+                status = await self._fail(job, f"{exc.code or exc.status_code}: {exc.message}")
+            else:
+                status = await self._retry(job, exc)
         except FileNotFoundError:  # audio deleted (job deleted, retention): nothing to retry
-            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
-                                             error="audio_missing: the job's audio is no longer stored", retry=False)
+            status = await self._fail(job, "audio_missing: the job's audio is no longer stored")
         except Exception as exc:  # noqa: BLE001 - anything else may be transient: retry
-            log.warning("job attempt failed", extra={"job_id": job.id, "error": type(exc).__name__})
-            status = await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
-                                             error=f"{type(exc).__name__}: {exc}"[:2000], retry=True)
+            status = await self._retry(job, exc)
         else:
             ok = await self._db_retrying(repo.complete_job, job_id=job.id, owner=self.owner, transcript=transcript)
             status = "succeeded" if ok else None
         await self._finish(job, status)
 
+    async def _transcribe(self, request: TranscriptionRequest, audio: Path,
+                          on_window: OnWindow) -> Transcript:
+        pipeline = await self.pipeline()
+        return await pipeline.run(request, audio, on_window=on_window)
+
+    async def _fail(self, job: Job, error: str) -> str | None:
+        return await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                       error=error[:2000], retry=False)
+
+    async def _retry(self, job: Job, exc: BaseException) -> str | None:
+        log.warning("job attempt failed", extra={"job_id": job.id, "error": type(exc).__name__})
+        return await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
+                                       error=f"{type(exc).__name__}: {exc}"[:2000], retry=True)
+
     async def _heartbeat(self, job: Job, work: asyncio.Future[Any], progress: list[float]) -> bool:
         """Renew the lease every heartbeat until `work` is done; False when the lease was lost or
         the job cancelled. A heartbeat the database cannot take (it is restarting) is skipped,
         not fatal: the work goes on, and the lease is renewed at the next one that lands."""
-        from serve.errors import is_database_unavailable
-
         while True:
             done, _ = await asyncio.wait({work}, timeout=self.heartbeat_s)
             if done:
@@ -387,85 +360,29 @@ def publish_queue_gauges(stats: dict[str, Any]) -> None:
     metrics.JOB_OLDEST_QUEUED_AGE.set(stats["oldest_queued_age_s"])
 
 
-# ---------------------------------------------------------------- transcribe callables
+# ---------------------------------------------------------------- standalone process
 
 
-def noop_transcriber(delay_s: float = 0.0) -> Transcribe:
-    """A stand-in model for queue tests and benchmarks: one empty segment after `delay_s`.
-
-    It tests the queue, never transcription: nothing reads the audio.
-    """
-
-    async def transcribe(audio: Path, options: JobOptions) -> Transcript:
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        return Transcript(language=options.language or "en", duration=0.0,
-                          segments=[Segment(id=0, start=0.0, end=0.0, text="")])
-
-    return transcribe
-
-
-def engine_transcriber(engine: Any, diarizer: Any | None = None) -> Transcribe:
-    """The engine run directly (standalone runner, tests): decode, transcribe, diarize, in a thread."""
-    lock = asyncio.Lock()  # one model call at a time in this process; batching is Serve's job
-
-    def run(audio_path: Path, options: JobOptions) -> Transcript:
-        from speech.audio import decode_audio
-
-        audio = decode_audio(audio_path, max_duration_s=get_settings().AUDIO_MAX_DURATION_S)
-        report_progress(0.1)
-        transcript = engine.transcribe([audio], options.transcribe_options())[0]
-        if options.diarize and diarizer is not None:
-            from speech.speaker_merge import assign_speakers
-
-            turns = diarizer.diarize(audio, num_speakers=options.num_speakers,
-                                     min_speakers=options.min_speakers, max_speakers=options.max_speakers)
-            transcript = assign_speakers(transcript, turns)
-        return transcript
-
-    async def transcribe(audio: Path, options: JobOptions) -> Transcript:
-        async with lock:
-            return await asyncio.to_thread(contextvars.copy_context().run, run, audio, options)
-
-    return transcribe
-
-
-def handles_transcriber(asr: Any, diarizer: Any | None = None) -> Transcribe:
-    """Inside Serve: decode here, then the ASR (+ diarization) deployments through their handles,
-    so job windows share batches with the synchronous requests."""
-    from serve.ingress import run_transcription
-
-    async def transcribe(audio_path: Path, options: JobOptions) -> Transcript:
-        from speech.audio import decode_audio
-
-        audio = await asyncio.to_thread(decode_audio, audio_path,
-                                        max_duration_s=get_settings().AUDIO_MAX_DURATION_S)
-        report_progress(0.1)
-        return await run_transcription(
-            asr, diarizer, audio, options.transcribe_options(), diarize=options.diarize,
-            num_speakers=options.num_speakers, min_speakers=options.min_speakers,
-            max_speakers=options.max_speakers)
-
-    return transcribe
-
-
-def _load_engine() -> Any:
+def local_pipeline() -> TranscriptionPipeline:
+    """The engines loaded in this process from the settings, diarizer included when its model
+    loads (else diarize jobs fail at once with `diarization_unavailable`)."""
     from speech.asr import WhisperEngine
+    from speech.audio import AudioLimits
+    from speech.diarization import load_diarizer
 
     s = get_settings()
-    engine = WhisperEngine(model=s.WHISPER_MODEL_PATH, device="cpu" if s.AI_DEVICE == "cpu" else s.AI_DEVICE,
-                           cache_dir=s.MODEL_CACHE_DIR)
+    engine = WhisperEngine(s.WHISPER_MODEL_PATH, device=s.AI_DEVICE, cache_dir=s.MODEL_CACHE_DIR)
     engine.load()
-    return engine
+    diarizer, reason = load_diarizer(s.DIARIZATION_MODEL_PATH, engine.device, s.HF_TOKEN)
+    limits = AudioLimits(max_bytes=s.AUDIO_MAX_FILE_SIZE, max_duration_s=s.AUDIO_MAX_DURATION_S)
+    return TranscriptionPipeline.local(engine, diarizer, diarization_reason=reason, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Standalone runner process: `python -m serve.job_runner [--engine whisper|noop]`; stops on SIGTERM."""
+    """Standalone runner process: `python -m serve.job_runner`; stops on SIGTERM."""
     from config.logging_setup import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m serve.job_runner", description=main.__doc__)
-    parser.add_argument("--engine", choices=("whisper", "noop"), default="whisper")
-    parser.add_argument("--noop-delay-s", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--lease-s", type=float, default=None)
     parser.add_argument("--heartbeat-s", type=float, default=None)
@@ -474,15 +391,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     s = get_settings()
     configure_logging(s.LOG_LEVEL, s.LOG_FILE)
-    transcribe = noop_transcriber(args.noop_delay_s) if args.engine == "noop" else engine_transcriber(_load_engine())
+    run_standalone(local_pipeline(), args)
+
+
+def run_standalone(pipeline: Transcribes, args: argparse.Namespace) -> None:
+    """Claim loops on this process's event loop until SIGTERM/SIGINT (or an empty queue)."""
+
+    async def current() -> Transcribes:
+        return pipeline
 
     async def amain() -> None:
-        runner = JobRunner(transcribe, concurrency=args.concurrency, lease_s=args.lease_s,
+        runner = JobRunner(current, concurrency=args.concurrency, lease_s=args.lease_s,
                            heartbeat_s=args.heartbeat_s, poll_s=args.poll_s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner._stop.set)
-        log.info("runner started", extra={"runner": runner.owner, "engine": args.engine})
+        log.info("runner started", extra={"runner": runner.owner})
         if args.exit_when_idle:
             while await runner.run_once() is not None:
                 pass

@@ -28,6 +28,10 @@ from typing import Any
 from ray import serve
 
 from config.settings import get_settings
+from serve.job_runner import JobRunner
+from serve.model_calls import ModelCalls
+from serve.storage import delete_audio
+from speech.audio import AudioLimits
 
 log = logging.getLogger("serve.job_runner")
 
@@ -45,8 +49,6 @@ class JobRunnerDeployment:
     async def __init__(self, asr: Any, diarizer: Any | None = None,
                        storage_base_path: str | None = None) -> None:
         from config.logging_setup import configure_logging
-        from serve.job_runner import JobRunner, handles_transcriber
-        from serve.storage import delete_audio
 
         settings = get_settings()
         configure_logging(settings.LOG_LEVEL, settings.LOG_FILE)
@@ -59,7 +61,10 @@ class JobRunnerDeployment:
 
         await asyncio.to_thread(upgrade_head)
         base = Path(storage_base_path) if storage_base_path else settings.STORAGE_BASE_PATH
-        self._runner = JobRunner(handles_transcriber(asr, diarizer), concurrency=self._concurrency,
+        limits = AudioLimits(max_bytes=settings.AUDIO_MAX_FILE_SIZE,
+                             max_duration_s=settings.AUDIO_MAX_DURATION_S)
+        models = ModelCalls(asr, diarizer, limits=limits)
+        self._runner = JobRunner(models.pipeline, concurrency=self._concurrency,
                                  delete_audio=lambda sha: delete_audio(sha, base_path=base))
         self._runner.start()
         log.info("job runner started", extra={"runner": self._runner.owner,

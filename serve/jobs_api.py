@@ -10,28 +10,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import unicodedata
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from config.settings import get_settings
 from db import repository as repo
 from db.models import TERMINAL_STATUSES, Job, User
-from db.session import get_sessionmaker, ping
-from serve import ratelimit, webhooks
+from serve import webhooks
 from serve.auth import CurrentUser, SessionDep, require_admin
+from serve.context import ServicesDep
 from serve.errors import ApiError, error_responses
-from serve.job_runner import JobOptions
+from serve.job_records import clean_filename, in_session
+from serve.params import TranscriptionParams, check_model, parse_params
 from serve.ratelimit import rate_limit
 from serve.storage import StoredAudio, delete_audio, release_upload, save_upload
-from speech.errors import InvalidOptionError
+from speech.audio import load_audio
+from speech.request import check_request
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(rate_limit)],
                    responses=error_responses(401, 429, 503))
@@ -66,40 +66,22 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(404, f"No job with id '{job_id}'.", param="job_id", code="job_not_found")
 
 
-FILENAME_MAX_CHARS = 255
-"""The `jobs.filename` column's width."""
-
 log = logging.getLogger(__name__)
 
 
-def clean_filename(name: str | None) -> str | None:
-    """A client's file name as metadata: its last path component, without control characters
-    (NUL cannot even be stored) or invisible format characters (a right-to-left override makes
-    "\u202egnp.wav" display as "vaw.png"), at most FILENAME_MAX_CHARS. Audio is stored by its
-    digest, so the name never reaches the file system."""
-    if not name:
-        return None
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(ch for ch in base if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
-    return base[:FILENAME_MAX_CHARS] or None
-
-
-async def _check_model(request: Request, model: str) -> None:
-    """A job may only ask for the served model (or its alias), as on the transcription route.
-
-    Unchecked where the app has no model handles (the router on its own) or they cannot be asked
-    now: a job must be queueable while the model is down, and the runner uses the served model."""
-    from serve.openai_api import check_model
-
-    services = getattr(request.app.state, "services", None)
-    if services is None:
-        return
+async def _check_against_models(services: ServicesDep, params: TranscriptionParams) -> None:
+    """The request against what the served models can do (model name, language, translation,
+    diarization), as the transcription route checks it: a job that cannot succeed is refused
+    now, not failed later. Skipped only while the models do not answer: a job must be queueable
+    while they are down; the runner checks again before it runs it."""
     try:
-        info = await asyncio.wait_for(services.model_info(), timeout=5)
+        caps = await asyncio.wait_for(services.models.capabilities(), timeout=5)
     except Exception as exc:  # noqa: BLE001 - no answer: accept, the runner decides
-        log.warning("model not checked at submission", extra={"error": type(exc).__name__})
+        log.warning("options not checked against the models at submission",
+                    extra={"error": type(exc).__name__})
         return
-    check_model(model.strip(), info["id"])
+    check_model(params.model, caps.model)
+    check_request(params.request, caps)
 
 
 def _owned(session: Session, job_id: str, user_id: int) -> Job:
@@ -109,47 +91,9 @@ def _owned(session: Session, job_id: str, user_id: int) -> Job:
     return job
 
 
-def _parse_options(*, task: str | None, model: str | None, language: str | None, prompt: str | None,
-                   temperature: str | None, timestamp_granularities: list[str] | None, diarize: str | None,
-                   num_speakers: str | None, min_speakers: str | None, max_speakers: str | None) -> JobOptions:
-    """The transcription endpoint's own validation (same rules, same messages), then JobOptions."""
-    from serve.openai_api import parse_params
-    from speech.languages import LANGUAGE_NAMES
-
-    if task not in (None, "", "transcribe", "translate"):
-        raise InvalidOptionError("task", "task must be transcribe or translate.")
-    params = parse_params(
-        task=task or "transcribe",  # type: ignore[arg-type]
-        model=model or "whisper-1", language=language, prompt=prompt,
-        # the output format is chosen when the transcript is fetched; granularities need verbose_json
-        response_format="verbose_json" if timestamp_granularities else "json",
-        temperature=temperature, timestamp_granularities=timestamp_granularities, diarize=diarize,
-        num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
-    )
-    if params.language is not None and params.language not in LANGUAGE_NAMES:
-        raise InvalidOptionError("language", f"Unknown language {params.language!r}.")
-    try:
-        return JobOptions(model=model, language=params.language, prompt=params.prompt, task=params.task,
-                          temperature=params.temperature,
-                          word_timestamps="word" in params.timestamp_granularities, diarize=params.diarize,
-                          num_speakers=params.num_speakers, min_speakers=params.min_speakers,
-                          max_speakers=params.max_speakers)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = str(first["loc"][0]) if first.get("loc") else None
-        raise ApiError(400, first.get("msg", "invalid option"), param=param, code="invalid_value") from exc
-
-
-def _in_session(fn: Any, /, **kwargs: Any) -> Any:
-    with get_sessionmaker()() as session:
-        out = fn(session=session, **kwargs)
-        session.commit()
-        return out
-
-
 async def _discard(stored: StoredAudio) -> None:
     """Remove audio this request stored, unless a job references it."""
-    if stored.created and not await run_in_threadpool(_in_session, repo.audio_in_use, sha256=stored.sha256):
+    if stored.created and not await run_in_threadpool(in_session, repo.audio_in_use, sha256=stored.sha256):
         delete_audio(stored.sha256)
 
 
@@ -160,6 +104,7 @@ async def _discard(stored: StoredAudio) -> None:
 async def create_job(
     request: Request,
     user: CurrentUser,
+    services: ServicesDep,
     file: Annotated[UploadFile, File(description="The audio file")],
     model: Annotated[str | None, Form()] = None,
     language: Annotated[str | None, Form()] = None,
@@ -176,17 +121,19 @@ async def create_job(
 ) -> JSONResponse:
     """202 with the queued job; 200 with the earlier job when this Idempotency-Key was used before."""
     settings = get_settings()
-    options = await run_in_threadpool(
-        _parse_options, task=task, model=model, language=language, prompt=prompt, temperature=temperature,
-        timestamp_granularities=timestamp_granularities, diarize=diarize, num_speakers=num_speakers,
-        min_speakers=min_speakers, max_speakers=max_speakers,
+    params = parse_params(
+        task=task, model=model or "whisper-1", language=language, prompt=prompt,
+        # the output format is chosen when the transcript is fetched; granularities need verbose_json
+        response_format="verbose_json" if timestamp_granularities else "json",
+        temperature=temperature, timestamp_granularities=timestamp_granularities, diarize=diarize,
+        num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
     )
-    if model:
-        await _check_model(request, model)
+    await _check_against_models(services, params)
+    options = {"model": model, **params.request.to_dict()}
     if callback_url:
         await run_in_threadpool(webhooks.check_callback_url, callback_url)
     if idempotency_key:
-        existing = await run_in_threadpool(_in_session, repo.job_by_idempotency_key, user_id=user.id,
+        existing = await run_in_threadpool(in_session, repo.job_by_idempotency_key, user_id=user.id,
                                            key=idempotency_key)
         if existing is not None:
             return JSONResponse(job_public(existing), status_code=200)
@@ -194,7 +141,7 @@ async def create_job(
     try:
         duration_s = await run_in_threadpool(_probe_duration, stored, settings.AUDIO_MAX_DURATION_S)
         job, created = await run_in_threadpool(
-            _in_session, repo.create_job, user_id=user.id, options=options, audio=stored,
+            in_session, repo.create_job, user_id=user.id, options=options, audio=stored,
             filename=clean_filename(file.filename), callback_url=callback_url,
             idempotency_key=idempotency_key, max_attempts=settings.JOB_MAX_ATTEMPTS, duration_s=duration_s,
         )
@@ -213,9 +160,9 @@ async def create_job(
 
 def _probe_duration(stored: StoredAudio, max_duration_s: float) -> float:
     """Refuse what is not audio (or too long) now, with a 400, rather than as a failed job later."""
-    from speech.audio import audio_duration_s, decode_audio
+    from speech.audio import AudioLimits, audio_duration_s
 
-    return audio_duration_s(decode_audio(stored.path, max_duration_s=max_duration_s))
+    return audio_duration_s(load_audio(stored.path, AudioLimits(max_duration_s=max_duration_s)))
 
 
 @router.get("", summary="List your jobs, newest first", responses=error_responses(400))
@@ -275,7 +222,7 @@ async def _event_stream(job_id: str, user_id: int, request: Request) -> AsyncIte
     last: tuple[Any, ...] | None = None
     quiet_s = 0.0
     while True:
-        job = await run_in_threadpool(_in_session, repo.get_job, job_id=job_id, user_id=user_id)
+        job = await run_in_threadpool(in_session, repo.get_job, job_id=job_id, user_id=user_id)
         if job is None:
             yield f"event: deleted\ndata: {json.dumps({'id': job_id})}\n\n"
             return
@@ -315,30 +262,6 @@ def delete_job(job_id: str, request: Request, user: CurrentUser, session: Sessio
     return {"id": job_id, "object": "job.deleted", "deleted": True}
 
 
-def record_sync_request(*, request: Request, stored: StoredAudio | None, options: Any,
-                        transcript: Any, filename: str | None = None) -> bool:
-    """The synchronous endpoint's work, recorded as a succeeded job of the authenticated user.
-
-    Blocking (run it in a thread). Returns True when the stored audio is now referenced (keep it).
-    """
-    user = getattr(request.state, "user", None)
-    if user is None:
-        return False
-    with get_sessionmaker()() as session:
-        repo.record_sync_job(session=session, user=user, stored_audio=stored, options=options,
-                             transcript=transcript, filename=clean_filename(filename))
-        session.commit()
-    return stored is not None
-
-
-def readiness() -> dict[str, Any]:
-    """For the ingress's /ready: database reachable; rate limits on Redis or degraded to local."""
-    limits = ratelimit.status()
-    db_ok = ping()
-    return {"database": "ok" if db_ok else "unreachable", "rate_limits": limits,
-            "status": "ready" if db_ok and not limits["degraded"] else ("degraded" if db_ok else "unavailable")}
-
-
 # --------------------------------------------------------------------------- admin
 admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(rate_limit)],
                          responses=error_responses(401, 403, 429, 503))
@@ -364,15 +287,3 @@ def revoke_key(key_id: str, request: Request, admin: AdminUser, session: Session
     repo.audit(session=session, action="key.revoked", user_id=key.user_id, target=key.id,
                ip=request.client.host if request.client else None, details={"by": admin.id})
     return {"id": key.id, "object": "api_key", "revoked": True, "revoked_at": _ts(key.revoked_at)}
-
-
-def prepare_database() -> str | None:
-    """Start-up: migrate to head; on the embedded default, create a local key once and return it."""
-    from db.migrate import upgrade_head
-    from serve.auth import bootstrap_local_key
-
-    settings = get_settings()
-    upgrade_head()
-    if settings.DB_URL:
-        return None
-    return _in_session(bootstrap_local_key)

@@ -1,11 +1,11 @@
 """The Whisper engine: windows from many inputs decoded together, stitched back per input.
 
-Flow for one call: `split` cuts each input at pauses into <= 30 s windows (Silero VAD);
-`transcribe_windows` turns any list of windows, from any number of inputs and requests, into
-one batch through the encoder and a greedy decoding loop with Whisper's timestamp rules;
-`stitch` puts each input's windows back together with exact offsets. The Serve replica calls the
-three steps separately so that windows of concurrent requests share batches; everyone else
-calls `transcribe`.
+Flow: `speech.windowing.WindowPlanner` cuts each input at pauses into <= 30 s windows (no
+model needed); `transcribe_windows` turns any list of windows, from any number of inputs and
+requests, into one batch through the encoder and a greedy decoding loop with Whisper's
+timestamp rules; `speech.windowing.stitch` puts each input's windows back together with exact
+offsets. `speech.pipeline` runs the three steps for every entry point (the Serve replica only
+decodes windows); `transcribe` here is the ASR-only shortcut for tests and benchmarks.
 
 The decoding loop is our own rather than `generate()`: a plain loop over the decoder with a
 KV cache applies the timestamp rules batched as tensor masks, and yields the per-window
@@ -21,7 +21,6 @@ import struct
 import threading
 import time
 import zlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 
 from speech.alignment import token_timings
-from speech.errors import InvalidOptionError
-from speech.types import SAMPLE_RATE, Segment, TranscribeOptions, Transcript, Word
-from speech.vad import VadParams, make_vad
-from speech.windowing import MAX_WINDOW_S, plan_windows
+from speech.request import Capabilities, TranscriptionRequest, check_request
+from speech.types import SAMPLE_RATE, Segment, TranscribeOptions, Transcript, Window, WindowResult, Word
+from speech.vad import VadParams
+from speech.windowing import WindowPlanner, stitch, vad_kind_for
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +45,6 @@ COMPRESSION_RATIO_LIMIT = 2.4
 LOGPROB_LIMIT = -1.0
 NO_SPEECH_LIMIT = 0.6
 FALLBACK_TEMPERATURES = (0.2, 0.6)
-
-
-@dataclass
-class Window:
-    """One <= 30 s piece of one input, ready to be batched with any other window."""
-
-    samples: np.ndarray
-    offset_s: float
-    options: TranscribeOptions
-    index: int = 0
-    speech: tuple[tuple[float, float], ...] = ()
-    """Where the VAD heard speech, in seconds from the window start (word onsets snap to it)."""
-
-    @property
-    def duration_s(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
-
-
-@dataclass
-class WindowResult:
-    """What the model made of one window; times are relative to the window start."""
-
-    language: str
-    segments: list[Segment] = field(default_factory=list)
-    token_probs: list[list[float]] = field(default_factory=list, repr=False)
-    """Per segment, the probability of each of its text tokens (for word probabilities)."""
 
 
 @dataclass
@@ -145,13 +118,57 @@ def _seeded_sample(probs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     return out
 
 
-def _speech_within(regions: Sequence[tuple[int, int]], start: int, end: int) -> tuple[tuple[float, float], ...]:
-    """The VAD regions overlapping [start, end), clipped, in seconds from `start`."""
-    return tuple(
-        ((max(s, start) - start) / SAMPLE_RATE, (min(e, end) - start) / SAMPLE_RATE)
-        for s, e in regions
-        if e > start and s < end
-    )
+class _TimestampRules:
+    """Whisper's token rules as batched masks, shared by greedy and beam decoding.
+
+    Suppressed tokens, a first token that is a timestamp of at most 1.0 s, timestamps in
+    pairs and never going backwards nor past the window's audio, and a timestamp forced
+    whenever all timestamps together are likelier than any text token.
+    """
+
+    def __init__(self, engine: WhisperEngine, vocab: int, durations: Sequence[float], *, no_eot: bool = False):
+        dev = engine.device
+        self.tb = tb = engine.timestamp_begin
+        suppress = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        suppress[[t for t in engine.suppress if t < vocab]] = True
+        suppress[engine.no_timestamps] = True
+        suppress[engine.sot] = suppress[engine.sot_prev] = suppress[engine.no_speech] = True
+        begin_suppress = suppress.clone()
+        begin_suppress[engine.begin_suppress] = True
+        begin_suppress[:tb] = True  # the first token is a timestamp ...
+        begin_suppress[tb + 51 :] = True  # ... of at most 1.0 s (max_initial_timestamp)
+        if no_eot:  # benchmarks: fixed_new_tokens
+            suppress[engine.eot] = begin_suppress[engine.eot] = True
+        self.suppress, self.begin_suppress = suppress, begin_suppress
+        self.vocab_idx = torch.arange(vocab, device=dev)
+        # a timestamp past the end of the window's audio is never allowed
+        last_ts = torch.tensor([tb + min(int(round(d / TIME_PRECISION)), 1500) for d in durations], device=dev)
+        self.too_late = self.vocab_idx[None, :] > last_ts[:, None]
+        """Per window (rows follow the windows: index it like the decoding rows)."""
+        self.is_ts = self.vocab_idx[None, :] >= tb
+        self.is_text = self.vocab_idx[None, :] < engine.eot
+
+    def scores(self, logits: torch.Tensor, step: int, last_was_ts: torch.Tensor, penult_was_ts: torch.Tensor,
+               last_ts_value: torch.Tensor, too_late: torch.Tensor) -> torch.Tensor:
+        """`logits` (rows, vocab) with every token the rules forbid at `step` set to -inf."""
+        tb, vocab_idx, is_ts = self.tb, self.vocab_idx, self.is_ts
+        mask = (self.begin_suppress if step == 0 else self.suppress)[None, :] | too_late
+        if step > 0:
+            # after a pair of timestamps (or one at the start) text must follow
+            mask = mask | (last_was_ts & penult_was_ts)[:, None] & is_ts
+            # after a single timestamp another timestamp or eot must follow
+            closing = last_was_ts & ~penult_was_ts
+            mask = mask | closing[:, None] & self.is_text
+            # timestamps never go backwards; a closing one may be repeated once as the
+            # next opening one, otherwise the next must be later
+            min_ts = torch.where(closing, last_ts_value, last_ts_value + 1)
+            mask = mask | is_ts & (vocab_idx[None, :] < min_ts[:, None])
+        scores = logits.masked_fill(mask, float("-inf"))
+        lp = torch.log_softmax(scores, dim=-1)
+        # when timestamps together are likelier than any text token, emit a timestamp
+        force_ts = torch.logsumexp(lp[:, tb:], dim=-1) > lp[:, :tb].max(dim=-1).values
+        scores[:, :tb].masked_fill_(force_ts[:, None], float("-inf"))
+        return scores
 
 
 _SENTENCE_END = tuple(".。!！?？")
@@ -165,6 +182,78 @@ def _snap_onset_to_speech(word: Word, speech: Sequence[tuple[float, float]]) -> 
     later = [s for s, _ in speech if word.start < s < word.end]
     if later:
         word.start = later[-1]
+
+
+def _snap_end_to_speech(word: Word, speech: Sequence[tuple[float, float]]) -> None:
+    """Move a word's end out of the silence after it to where the speech before it ends."""
+    if not speech or any(s < word.end <= e for s, e in speech):
+        return
+    earlier = [e for _, e in speech if word.start < e < word.end]
+    if earlier:
+        word.end = earlier[-1]
+
+
+_MIN_WORD_S = TIME_PRECISION
+"""Shortest word: one encoder frame."""
+
+
+def _spread_instant_words(words: list[Word]) -> None:
+    """Give the words that DTW left without duration a share of a neighbour's time.
+
+    DTW passes several tokens on one frame where the model reads them as one sound ("I
+    didn't" at 8.98-8.98 and 8.98-9.20); each run of such words shares the time of the word
+    after it (before it at a segment's end), by length in characters. A segment none of
+    whose words has time is left alone: the alignment found no audio for its text.
+    """
+    n = len(words)
+    if not any(w.end - w.start >= _MIN_WORD_S for w in words):
+        return
+    i = 0
+    while i < n:
+        if words[i].end - words[i].start >= _MIN_WORD_S:
+            i += 1
+            continue
+        j = i
+        while j < n and words[j].end - words[j].start < _MIN_WORD_S:
+            j += 1
+        group = words[i : j + 1] if j < n else words[i - 1 : j]
+        lo, hi = group[0].start, max(group[-1].end, group[0].start)
+        weights = [max(1, len(w.word.strip())) for w in group]
+        t = lo
+        for w, weight in zip(group, weights, strict=True):
+            w.start, t = t, t + (hi - lo) * weight / sum(weights)
+            w.end = t
+        group[-1].end = hi
+        for w in group:  # a run too long for the time it shares: a frame each
+            if w.end - w.start < _MIN_WORD_S:
+                if w.end >= _MIN_WORD_S:
+                    w.start = w.end - _MIN_WORD_S
+                else:
+                    w.end = w.start + _MIN_WORD_S
+        i = j + 1
+
+
+def _fit_segments_to_speech(result: WindowResult, speech: Sequence[tuple[float, float]]) -> None:
+    """Segments inside the speech the VAD heard, and none without duration.
+
+    A segment with words has its times from them (already fitted). One without words keeps of
+    its timestamps the stretch from the first to the last speech in it. What is then left
+    without duration is dropped, as openai-whisper and faster-whisper do: with word timestamps
+    that is text the alignment found no audio for, typically a phrase the model repeated
+    (six "Hello." for two on a telephone call).
+    """
+    probs = result.token_probs or [[] for _ in result.segments]
+    kept: list[tuple[Segment, list[float]]] = []
+    for seg, p in zip(result.segments, probs, strict=True):
+        if not seg.words and speech:
+            inside = [(max(a, seg.start), min(b, seg.end)) for a, b in speech if b > seg.start and a < seg.end]
+            if inside and inside[-1][1] - inside[0][0] >= 2 * TIME_PRECISION:
+                seg.start, seg.end = inside[0][0], inside[-1][1]
+        if seg.end - seg.start >= TIME_PRECISION / 2:
+            kept.append((seg, p))
+    result.segments = [s for s, _ in kept]
+    if result.token_probs:
+        result.token_probs = [p for _, p in kept]
 
 
 def resolve_device(device: str) -> str:
@@ -196,8 +285,7 @@ class WhisperEngine:
         self.max_batch_size = max_batch_size
         self.fixed_new_tokens: int | None = None
         """Benchmarks only: decode exactly this many tokens per window, ignoring end of text."""
-        # Silero costs a fifth of the CPU budget; on a GPU it is noise next to the model.
-        self.vad = make_vad(vad or ("silero" if self.device == "cuda" else "energy"), vad_params)
+        self.planner = WindowPlanner(vad or vad_kind_for(self.device), vad_params)
         self.model = None
         self.load_seconds = 0.0
         self._lock = threading.Lock()
@@ -233,7 +321,7 @@ class WhisperEngine:
                 model.model.encoder = quantized
         processor = WhisperProcessor.from_pretrained(path)
         self._attach(model, processor.feature_extractor, processor.tokenizer)
-        self.vad.load()
+        self.planner.load()
         self.load_seconds = time.perf_counter() - t0
         log.info("whisper model loaded", extra={"model": self.model_name, "seconds": self.load_seconds})
 
@@ -288,90 +376,38 @@ class WhisperEngine:
         return sorted(self.lang_to_id) if self.is_multilingual else ["en"]
 
     # ---------------------------------------------------------------- public API
+    @property
+    def vad(self):  # type: ignore[no-untyped-def]
+        return self.planner.vad
+
+    def capabilities(self, *, diarization: bool = False,
+                     diarization_reason: str | None = None) -> Capabilities:
+        """What this model can do, for `speech.request.check_request`."""
+        self.load()
+        return Capabilities(model=self.model_name, multilingual=bool(self.is_multilingual),
+                            languages=tuple(self.languages()), diarization=diarization,
+                            diarization_reason=diarization_reason, device=self.device,
+                            vad=self.planner.vad_kind)
+
     def check_options(self, options: TranscribeOptions) -> None:
         """Refuse what this model cannot do, before any audio is processed."""
-        if options.language is not None and options.language not in self.languages():
-            raise InvalidOptionError(
-                "language",
-                f"language {options.language!r} is not supported by model {self.model_name}; "
-                f"supported: {', '.join(self.languages()[:20])}"
-                + (" ..." if len(self.languages()) > 20 else ""),
-            )
-        if options.task == "translate" and not self.is_multilingual:
-            raise InvalidOptionError(
-                "task", f"model {self.model_name} is English-only and cannot translate"
-            )
-        if not 0.0 <= options.temperature <= 1.0:
-            raise InvalidOptionError("temperature", "temperature must be between 0 and 1")
-        if not 1 <= options.beam_size <= 10:
-            raise InvalidOptionError("beam_size", "beam_size must be between 1 and 10")
-
-    def split(self, audio: np.ndarray, options: TranscribeOptions) -> list[Window]:
-        """Cut one input at pauses into windows of at most 30 s (silence is left out)."""
-        self.load()
-        self.check_options(options)
-        regions = self.vad.speech_regions(audio)
-        spans = plan_windows(audio, regions, MAX_WINDOW_S)
-        return [
-            Window(audio[s:e], s / SAMPLE_RATE, options, i, _speech_within(regions, s, e))
-            for i, (s, e) in enumerate(spans)
-        ]
+        check_request(TranscriptionRequest(options=options), self.capabilities(diarization=True))
 
     def transcribe(
         self, audios: Sequence[np.ndarray], options: TranscribeOptions | Sequence[TranscribeOptions]
     ) -> list[Transcript]:
-        """Transcribe several inputs, their windows batched together."""
-        self.load()
+        """Transcribe several inputs, their windows batched together (ASR only: speakers are
+        `speech.pipeline`'s)."""
         opts = [options] * len(audios) if isinstance(options, TranscribeOptions) else list(options)
-        per_input = [self.split(a, o) for a, o in zip(audios, opts, strict=True)]
-        flat = [w for ws in per_input for w in ws]
-        results = self.transcribe_windows(flat)
+        for o in dict.fromkeys(opts):
+            self.check_options(o)
+        per_input = [self.planner.plan(a, o) for a, o in zip(audios, opts, strict=True)]
+        results = self.transcribe_windows([w for ws in per_input for w in ws])
         out, k = [], 0
         for audio, windows, o in zip(audios, per_input, opts, strict=True):
-            out.append(self.stitch(audio, windows, results[k : k + len(windows)], o))
+            out.append(stitch(len(audio) / SAMPLE_RATE, windows, results[k : k + len(windows)], o))
             k += len(windows)
         return out
-
-    def stitch(
-        self,
-        audio: np.ndarray,
-        windows: Sequence[Window],
-        results: Sequence[WindowResult],
-        options: TranscribeOptions,
-    ) -> Transcript:
-        """One transcript from an input's windows, times moved to the input's clock."""
-        duration = len(audio) / SAMPLE_RATE
-        segments: list[Segment] = []
-        for window, result in zip(windows, results, strict=True):
-            for seg in result.segments:
-                off = window.offset_s
-                words = [
-                    replace(
-                        w,
-                        start=round(min(w.start + off, duration), 3),
-                        end=round(min(w.end + off, duration), 3),
-                    )
-                    for w in seg.words
-                ]
-                segments.append(
-                    replace(
-                        seg,
-                        id=len(segments),
-                        start=round(min(seg.start + off, duration), 3),
-                        end=round(min(seg.end + off, duration), 3),
-                        seek=int(round(off * 100)),
-                        words=words,
-                    )
-                )
-        language = options.language or self._majority_language(windows, results)
-        return Transcript(language=language, duration=duration, segments=segments, task=options.task)
-
-    @staticmethod
-    def _majority_language(windows: Sequence[Window], results: Sequence[WindowResult]) -> str:
-        votes: Counter[str] = Counter()
-        for w, r in zip(windows, results, strict=True):
-            votes[r.language] += w.duration_s
-        return votes.most_common(1)[0][0] if votes else "en"
 
     def transcribe_windows(self, windows: Sequence[Window]) -> list[WindowResult]:
         """Decode any windows in as few model calls as their options allow."""
@@ -448,12 +484,14 @@ class WhisperEngine:
         prefixes = [self._sot_sequence(lang, opts.task) for lang in langs]
         prompt = self._prompt_tokens(opts.initial_prompt)
         durations = [w.duration_s for w in windows]
-        if opts.beam_size > 1:
-            decoded = self._decode_beam(windows, prefixes, prompt, opts)
+        # As in Whisper, beam search is the decoding at temperature 0; the fallback temperatures
+        # (and a temperature asked for) sample, so guards and fallback treat both alike.
+        if opts.beam_size > 1 and opts.temperature == 0 and not self.fixed_new_tokens:
+            decoded = self._decode_beam(enc, prefixes, prompt, durations, opts.beam_size)
         else:
             decoded = self._decode_greedy(enc, prefixes, prompt, durations, opts.temperature)
-            if not self.fixed_new_tokens:
-                decoded = self._fallback(enc, prefixes, prompt, durations, decoded, opts.temperature)
+        if not self.fixed_new_tokens:
+            decoded = self._fallback(enc, prefixes, prompt, durations, decoded, opts.temperature)
         results = []
         for k, dec in enumerate(decoded):
             segments, probs = self._segments(dec, durations[k])
@@ -462,9 +500,13 @@ class WhisperEngine:
             results.append(WindowResult(language=langs[k], segments=segments, token_probs=probs))
         if depth < MAX_SKIP_RETRIES and not self.fixed_new_tokens:
             self._recover_skipped_speech(windows, results, depth)
+        if depth > 0:
+            return results  # the parent window times words and fits segments after insertion
         wanted = [k for k, w in enumerate(windows) if w.options.word_timestamps]
         if wanted:
             self._add_word_timestamps(enc, prefixes, results, windows, wanted)
+        for window, result in zip(windows, results, strict=True):
+            _fit_segments_to_speech(result, window.speech)
         return results
 
     def _recover_skipped_speech(self, windows: list[Window], results: list[WindowResult], depth: int) -> None:
@@ -566,29 +608,14 @@ class WhisperEngine:
         no_speech = torch.softmax(logits[:, len(prompt)], dim=-1)[:, self.no_speech]
         logits = logits[:, -1]
 
-        vocab = logits.shape[-1]
         tb = self.timestamp_begin
-        suppress = torch.zeros(vocab, dtype=torch.bool, device=dev)
-        suppress[[t for t in self.suppress if t < vocab]] = True
-        suppress[self.no_timestamps] = True
-        suppress[self.sot] = suppress[self.sot_prev] = suppress[self.no_speech] = True
-        begin_suppress = suppress.clone()
-        begin_suppress[self.begin_suppress] = True
-        begin_suppress[:tb] = True  # the first token is a timestamp ...
-        begin_suppress[tb + 51 :] = True  # ... of at most 1.0 s (max_initial_timestamp)
-        vocab_idx = torch.arange(vocab, device=dev)
-        # a timestamp past the end of the window's audio is never allowed
-        last_ts = torch.tensor(
-            [tb + min(int(round(d / TIME_PRECISION)), 1500) for d in durations], device=dev
-        )
-        too_late = vocab_idx[None, :] > last_ts[:, None]
+        rules = _TimestampRules(self, logits.shape[-1], durations, no_eot=bool(self.fixed_new_tokens))
+        too_late = rules.too_late
 
         # Sampling (temperature fallback) is seeded per window from its encoder output, so a
         # window gets the same text whatever its batch-mates and however often it is sent.
         row_seeds = [_window_seed(enc[k], temperature) for k in range(batch)] if temperature > 0 else []
         n_steps = self.fixed_new_tokens or MAX_NEW_TOKENS
-        if self.fixed_new_tokens:
-            suppress[self.eot] = begin_suppress[self.eot] = True
         # Results per original row; the loop itself runs on the rows still decoding (`active`):
         # windows finish after 40 to 200 tokens, and finished rows are dropped from the batch
         # and the KV cache instead of being carried along to the end.
@@ -600,27 +627,9 @@ class WhisperEngine:
         last_was_ts = torch.ones(batch, dtype=torch.bool, device=dev)
         penult_was_ts = torch.ones(batch, dtype=torch.bool, device=dev)
         last_ts_value = torch.full((batch,), tb - 1, dtype=torch.long, device=dev)
-        neg_inf = torch.tensor(float("-inf"), device=dev)
-        is_ts = vocab_idx[None, :] >= tb
-        is_text = vocab_idx[None, :] < self.eot
 
         for step in range(n_steps):
-            mask = (begin_suppress if step == 0 else suppress)[None, :] | too_late
-            if step > 0:
-                # after a pair of timestamps (or one at the start) text must follow
-                mask = mask | (last_was_ts & penult_was_ts)[:, None] & is_ts
-                # after a single timestamp another timestamp or eot must follow
-                closing = last_was_ts & ~penult_was_ts
-                mask = mask | closing[:, None] & is_text
-                # timestamps never go backwards; a closing one may be repeated once as the
-                # next opening one, otherwise the next must be later
-                min_ts = torch.where(closing, last_ts_value, last_ts_value + 1)
-                mask = mask | is_ts & (vocab_idx[None, :] < min_ts[:, None])
-            scores = logits.masked_fill(mask, float("-inf"))
-            lp = torch.log_softmax(scores, dim=-1)
-            # when timestamps together are likelier than any text token, emit a timestamp
-            force_ts = torch.logsumexp(lp[:, tb:], dim=-1) > lp[:, :tb].max(dim=-1).values
-            scores[:, :tb].masked_fill_(force_ts[:, None], float("-inf"))
+            scores = rules.scores(logits, step, last_was_ts, penult_was_ts, last_ts_value, too_late)
             # a row the rules left without any choice (only with fixed_new_tokens) takes text
             stuck = torch.isinf(scores).all(dim=-1, keepdim=True)
             scores = torch.where(stuck, logits, scores)
@@ -662,43 +671,149 @@ class WhisperEngine:
             )
         return out
 
-    def _decode_beam(self, windows, prefixes, prompt, opts) -> list[_Decoded]:
-        """Beam search through transformers' generate (optional, slower path)."""
-        feats = self._features(windows)
+    def _decode_beam(
+        self,
+        enc: torch.Tensor,
+        prefixes: list[list[int]],
+        prompt: list[int],
+        durations: list[float],
+        beam_size: int,
+    ) -> list[_Decoded]:
+        """Beam search over the same decoder loop, rules and scores as greedy decoding.
+
+        openai-whisper's BeamSearchDecoder with patience 1: each step every live beam proposes
+        its beam_size + 1 likeliest tokens; per window the candidates are taken in order of
+        their summed log-probability, those ending in <|endoftext|> become finished hypotheses
+        and the first beam_size others the next beams, until a window has beam_size finished
+        hypotheses. The winner maximises its summed log-probability over its length; like a
+        greedy result it carries the log-probability of each of its tokens (avg_logprob is
+        their mean, end of text included) and the window's no-speech probability from the
+        first decoding step, so the hallucination guards and the fallback apply unchanged.
+        """
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        n_audio, beams, dev = enc.shape[0], beam_size, self.device
+        init = torch.tensor([prompt + p for p in prefixes], device=dev)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        logits = self._decoder_logits(init, enc, cache)
+        no_speech = torch.softmax(logits[:, len(prompt)], dim=-1)[:, self.no_speech].tolist()
+        logits = logits[:, -1]
+        tb = self.timestamp_begin
+        rules = _TimestampRules(self, logits.shape[-1], durations)
+
+        # `beams` rows per window still decoding, window after window; at the first step all
+        # of a window's rows are the same, so only its first row may propose candidates.
+        rows = torch.arange(n_audio, device=dev).repeat_interleave(beams)
+        cache.reorder_cache(rows)
+        enc, logits, too_late = enc[rows], logits[rows], rules.too_late[rows]
+        sum_lp = torch.zeros(n_audio, beams, device=dev)
+        sum_lp[:, 1:] = float("-inf")
+        sum_lp = sum_lp.view(-1)
+        n_steps = MAX_NEW_TOKENS
+        tokens = torch.full((len(rows), n_steps), self.eot, dtype=torch.long, device=dev)
+        logprobs = torch.zeros((len(rows), n_steps), device=dev)
+        last_was_ts = torch.ones(len(rows), dtype=torch.bool, device=dev)
+        penult_was_ts = torch.ones(len(rows), dtype=torch.bool, device=dev)
+        last_ts_value = torch.full((len(rows),), tb - 1, dtype=torch.long, device=dev)
+        active = list(range(n_audio))  # windows still decoding, in row order
+        finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(n_audio)]
+
+        for step in range(n_steps):
+            scores = rules.scores(logits, step, last_was_ts, penult_was_ts, last_ts_value, too_late)
+            lp = torch.log_softmax(scores, dim=-1)
+            top_lp, top_tok = lp.topk(beams + 1, dim=-1)  # (rows, beams + 1)
+            cand = (sum_lp[:, None] + top_lp).view(len(active), -1)
+            order = cand.argsort(dim=-1, descending=True).tolist()
+            cand_l, top_lp_l, top_tok_l = cand.tolist(), top_lp.tolist(), top_tok.tolist()
+            src, new_tok, new_lp, new_sum, still = [], [], [], [], []
+            for a, w in enumerate(active):
+                picked: list[tuple[int, int, float, float]] = []
+                for c in order[a]:
+                    score = cand_l[a][c]
+                    if score == float("-inf"):
+                        break
+                    r, j = a * beams + c // (beams + 1), c % (beams + 1)
+                    tok, tok_lp = top_tok_l[r][j], top_lp_l[r][j]
+                    if tok == self.eot:
+                        if len(finished[w]) < beams:
+                            finished[w].append(
+                                (score, tokens[r, :step].tolist(), logprobs[r, :step].tolist() + [tok_lp])
+                            )
+                        continue
+                    picked.append((r, tok, tok_lp, score))
+                    if len(picked) == beams:
+                        break
+                if len(finished[w]) >= beams:
+                    continue
+                if not picked or step == n_steps - 1:
+                    # out of length or of choices: live beams count as hypotheses where too
+                    # few have finished (unterminated, so without an end-of-text score)
+                    live = [(score, tokens[r, :step].tolist() + [tok], logprobs[r, :step].tolist() + [tok_lp])
+                            for r, tok, tok_lp, score in picked]
+                    if not picked:
+                        live = [(float(sum_lp[r]), tokens[r, :step].tolist(), logprobs[r, :step].tolist())
+                                for r in range(a * beams, (a + 1) * beams) if sum_lp[r] > float("-inf")]
+                    finished[w] += sorted(live, key=lambda h: -h[0])[: beams - len(finished[w])]
+                    continue
+                still.append(w)
+                # a window the rules leave fewer live candidates than beams pads with dead beams
+                picked += [(picked[0][0], picked[0][1], 0.0, float("-inf"))] * (beams - len(picked))
+                for r, tok, tok_lp, score in picked:
+                    src.append(r)
+                    new_tok.append(tok)
+                    new_lp.append(tok_lp)
+                    new_sum.append(score)
+            if not still:
+                break
+            idx = torch.tensor(src, device=dev)
+            nxt = torch.tensor(new_tok, device=dev)
+            tokens, logprobs = tokens[idx], logprobs[idx]
+            tokens[:, step] = nxt
+            logprobs[:, step] = torch.tensor(new_lp, device=dev)
+            sum_lp = torch.tensor(new_sum, device=dev)
+            now_ts = nxt >= tb
+            last_ts_value = torch.where(now_ts, nxt, last_ts_value[idx])
+            penult_was_ts = last_was_ts[idx]
+            last_was_ts = now_ts
+            too_late = too_late[idx]
+            # a window's beams share its encoder output and cross-attention keys: those follow
+            # only when windows leave the batch
+            cache.self_attention_cache.reorder_cache(idx)
+            if len(still) < len(active):
+                enc = enc[idx]
+                cache.cross_attention_cache.reorder_cache(idx)
+            active = still
+            logits = self._decoder_logits(nxt[:, None], enc, cache)[:, -1]
+
         out = []
-        for k in range(len(windows)):
-            lang = None
-            if self.is_multilingual:
-                lang = next(n for n, i in self.lang_to_id.items() if i == prefixes[k][1])
-            kwargs = dict(
-                num_beams=opts.beam_size,
-                return_timestamps=True,
-                max_new_tokens=MAX_NEW_TOKENS,
-            )
-            if lang:
-                kwargs.update(language=lang, task=opts.task)
-            if prompt:
-                kwargs["prompt_ids"] = torch.tensor(prompt[1:], device=self.device)
-            ids = self.model.generate(feats[k : k + 1], **kwargs)
-            seq = ids[0].tolist() if not hasattr(ids, "sequences") else ids.sequences[0].tolist()
-            start = next((j for j, t in enumerate(seq) if t >= self.timestamp_begin), len(seq))
-            toks = [t for t in seq[start:] if t != self.eot]
-            out.append(_Decoded(tokens=toks, logprobs=[], no_speech_prob=0.0, temperature=0.0))
+        for w in range(n_audio):
+            # openai-whisper's ranking without a length penalty: summed log-probability / length
+            score, toks, lps = max(finished[w], key=lambda h: h[0] / max(1, len(h[1])))
+            out.append(_Decoded(tokens=toks, logprobs=lps, no_speech_prob=float(no_speech[w]), temperature=0.0))
         return out
 
     def _segments(self, dec: _Decoded, duration: float) -> tuple[list[Segment], list[list[float]]]:
         """Split a window's tokens at timestamp tokens into segments (times relative), with
-        the probability of each segment's text tokens."""
+        the probability of each segment's text tokens.
+
+        Each segment carries its own statistics: avg_logprob is the mean log-probability of
+        the tokens that make it (opening timestamp, text, closing timestamp, or the end of text
+        that closes the last one) and compression_ratio that of its own text. no_speech_prob
+        and temperature are the window's, as in Whisper: the no-speech probability is read
+        once, at the first decoding step, and the temperature is that of the whole decoding.
+        The window's own avg_logprob and compression ratio, over all its tokens, are what the
+        no-speech guard and the temperature fallback judge.
+        """
         tb = self.timestamp_begin
         segments: list[Segment] = []
         probs: list[list[float]] = []
         text_tokens: list[int] = []
         text_probs: list[float] = []
+        seg_logprobs: list[float] = []
         start: float | None = None
-        cr = _compression_ratio(self.tokenizer.decode(self._text_tokens(dec.tokens)))
 
         def close(end: float) -> None:
-            nonlocal text_tokens, text_probs, start
+            nonlocal text_tokens, text_probs, seg_logprobs, start
             text = self.tokenizer.decode(text_tokens)
             if text.strip():
                 probs.append(list(text_probs))
@@ -710,24 +825,31 @@ class WhisperEngine:
                         end=max(end, s),
                         text=text,
                         tokens=list(text_tokens),
-                        avg_logprob=dec.avg_logprob,
-                        compression_ratio=cr,
+                        avg_logprob=float(np.mean(seg_logprobs)) if seg_logprobs else 0.0,
+                        compression_ratio=_compression_ratio(text),
                         no_speech_prob=dec.no_speech_prob,
                         temperature=dec.temperature,
                     )
                 )
-            text_tokens, text_probs, start = [], [], None
+            text_tokens, text_probs, seg_logprobs, start = [], [], [], None
 
+        lps = dec.logprobs
         for i, t in enumerate(dec.tokens):
+            lp = [lps[i]] if i < len(lps) else []
             if t >= tb:
                 ts = (t - tb) * TIME_PRECISION
                 if text_tokens:
+                    seg_logprobs += lp
                     close(ts)
+                else:
+                    seg_logprobs = list(lp)  # opens the next segment
                 start = ts
             elif t < self.eot:
                 text_tokens.append(t)
-                text_probs.append(float(np.exp(dec.logprobs[i])) if i < len(dec.logprobs) else 1.0)
+                seg_logprobs += lp
+                text_probs.append(float(np.exp(lps[i])) if i < len(lps) else 1.0)
         if text_tokens:
+            seg_logprobs += lps[len(dec.tokens) : len(dec.tokens) + 1]  # the end of text
             close(duration)
         return segments, probs
 
@@ -790,10 +912,14 @@ class WhisperEngine:
     def _assign_words(self, result: WindowResult, timings, speech: Sequence[tuple[float, float]]) -> None:
         """Group each segment's tokens into words, time them, and tidy the times.
 
-        DTW puts the first token of a window at frame 0 and lets words swallow the pauses
-        around them; as openai-whisper does, over-long words are trimmed to twice the median
-        word duration and segment timestamps win where the words are implausible; then onsets
-        that still fall in silence the VAD heard move to where the speech starts.
+        As openai-whisper does: a word is timed by its own tokens, without the punctuation
+        merged into it (a closing period would swallow the pause after it); DTW puts the first
+        token of a window at frame 0 and lets words swallow the pauses around them, so a word
+        after a sentence end and a segment's first word longer than twice the median word
+        duration keep only that much before their end, and segment timestamps win where the
+        words are implausible. Then onsets and ends that still fall in silence the VAD heard
+        move to where the speech starts or ends, and words DTW left without duration share
+        their neighbour's time (a segment none of whose words has any is dropped later).
         """
         k = 0
         all_words: list[list[Word]] = []
@@ -801,7 +927,9 @@ class WhisperEngine:
             words: list[Word] = []
             local = 0
             for word_text, n_tok in self._split_words(seg.tokens):
-                t0, t1 = timings[k], timings[k + n_tok - 1]
+                spoken = [i for i, t in enumerate(seg.tokens[local : local + n_tok]) if not self._is_punctuation(t)]
+                first, last = (spoken[0], spoken[-1]) if spoken else (0, n_tok - 1)
+                t0, t1 = timings[k + first], timings[k + last]
                 p = probs[local : local + n_tok]
                 words.append(
                     Word(start=t0.start, end=max(t1.end, t0.start), word=word_text,
@@ -813,15 +941,14 @@ class WhisperEngine:
         durations = [w.end - w.start for ws in all_words for w in ws if w.end > w.start]
         median = min(0.7, float(np.median(durations))) if durations else 0.0
         longest = 2 * median
+        if longest > 0:
+            flat = [w for ws in all_words for w in ws]
+            for before, w in zip(flat, flat[1:]):
+                if w.end - w.start > longest and before.word.rstrip().endswith(_SENTENCE_END):
+                    w.start = w.end - longest
         for seg, words in zip(result.segments, all_words, strict=True):
             if not words:
                 continue
-            for i, w in enumerate(words):
-                if longest > 0 and w.end - w.start > longest:
-                    if w.word.rstrip().endswith(_SENTENCE_END):
-                        w.end = w.start + longest
-                    elif i > 0 and words[i - 1].word.rstrip().endswith(_SENTENCE_END):
-                        w.start = w.end - longest
             if longest > 0 and words[0].end - words[0].start > longest:
                 words[0].start = max(0.0, words[0].end - longest)
             if seg.start < words[0].end and seg.start - 0.5 > words[0].start:
@@ -835,8 +962,14 @@ class WhisperEngine:
                 seg.end = words[-1].end
             for w in words:
                 _snap_onset_to_speech(w, speech)
-            seg.start, seg.end = words[0].start, max(seg.end, words[-1].end)
+                _snap_end_to_speech(w, speech)
+            _spread_instant_words(words)
+            seg.start, seg.end = words[0].start, words[-1].end
             seg.words = words
+
+    def _is_punctuation(self, token: int) -> bool:
+        piece = self.tokenizer.decode([token]).strip()
+        return piece != "" and "\ufffd" not in piece and not any(c.isalnum() for c in piece)
 
     def _split_words(self, tokens: list[int]) -> list[tuple[str, int]]:
         """Words as (text, token count); a word starts at a token with a leading space."""

@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import av
@@ -28,6 +29,7 @@ import av.logging
 import numpy as np
 
 from speech.errors import (
+    AudioTooLargeError,
     AudioTooLongError,
     CorruptAudioError,
     EmptyAudioError,
@@ -45,6 +47,38 @@ AudioSource = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
 
 _IMAGE_DEMUXERS = ("image2", "gif", "apng", "tty")
 """Demuxers FFmpeg uses for pictures and text: a file they open is not a media recording."""
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What one recording may be: the service's AUDIO_MAX_FILE_SIZE and AUDIO_MAX_DURATION_S."""
+
+    max_bytes: int | None = None
+    max_duration_s: float | None = None
+
+
+def load_audio(source: AudioSource, limits: AudioLimits = AudioLimits()) -> np.ndarray:
+    """Decode with the size and duration limits: the one decode every entry point calls.
+
+    The size of a path or of bytes is checked before anything is read; a file object's size is
+    the caller's to cap while it streams (the HTTP upload does). Raises AudioTooLargeError, and
+    whatever `decode_audio` raises.
+    """
+    size = _size_of(source)
+    if limits.max_bytes is not None and size is not None and size > limits.max_bytes:
+        raise AudioTooLargeError(f"the file is {size} bytes, over the limit of {limits.max_bytes} bytes")
+    return decode_audio(source, max_duration_s=limits.max_duration_s)
+
+
+def _size_of(source: AudioSource) -> int | None:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return os.stat(source).st_size
+        except OSError:
+            return None  # decode_audio says what is wrong with it
+    return None
 
 
 def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) -> np.ndarray:

@@ -1,19 +1,25 @@
 """`python -m speech transcribe ...`: the engine alone, no Ray, no service.
 
 Files (or folders, searched recursively) are decoded a group at a time and each group's windows
-are transcribed in one batch, so a folder of short clips runs as fast as one long file.
+are transcribed in one batch, so a folder of short clips runs as fast as one long file. The
+work itself is `speech.pipeline.TranscriptionPipeline`, the same sequence every entry point runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from speech.audio import AudioLimits
 from speech.errors import SpeechError
 from speech.formats import FORMATS, render
+from speech.pipeline import TranscriptionPipeline
+from speech.request import SpeakerHints, TranscriptionRequest, check_request
 from speech.types import SAMPLE_RATE, TranscribeOptions
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".webm", ".mp4", ".mka"}
@@ -63,14 +69,36 @@ def _output_path(output_dir: Path, audio: Path, fmt: str) -> Path:
     return output_dir / f"{audio.stem}.{_EXTENSION.get(fmt, fmt)}"
 
 
+def build_pipeline(args: argparse.Namespace) -> TranscriptionPipeline:
+    """Engines from the settings (the CLI is the one part of speech/ that reads them)."""
+    from config.settings import get_settings
+    from speech.asr import WhisperEngine
+
+    settings = get_settings()
+    engine = WhisperEngine(args.model or settings.WHISPER_MODEL_PATH,
+                           device=args.device or settings.AI_DEVICE, cache_dir=settings.MODEL_CACHE_DIR)
+    diarizer = None
+    if args.diarize:
+        from speech.diarization import DiarizationEngine
+
+        diarizer = DiarizationEngine(settings.DIARIZATION_MODEL_PATH, device=engine.device,
+                                     hf_token=settings.HF_TOKEN)
+    limits = AudioLimits(max_bytes=settings.AUDIO_MAX_FILE_SIZE,
+                         max_duration_s=settings.AUDIO_MAX_DURATION_S)
+    return TranscriptionPipeline.local(engine, diarizer, limits=limits)
+
+
+def request_from_args(args: argparse.Namespace) -> TranscriptionRequest:
+    options = TranscribeOptions(language=args.language, task=args.task,
+                                initial_prompt=args.initial_prompt,
+                                word_timestamps=args.word_timestamps, beam_size=args.beam_size)
+    hints = SpeakerHints(args.num_speakers, args.min_speakers, args.max_speakers)
+    return TranscriptionRequest(options=options, diarize=args.diarize, speakers=hints)
+
+
 def transcribe_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from config.settings import get_settings
-    from speech.audio import decode_audio
-    from speech.transcriber import Transcriber
-
-    settings = get_settings()
     files = expand_inputs(args.inputs)
     if not files:
         print("error: no audio files found", file=sys.stderr)
@@ -78,30 +106,17 @@ def transcribe_command(args: argparse.Namespace) -> int:
     if len(files) > 1 and args.output_dir is None:
         print("error: several inputs need --output-dir", file=sys.stderr)
         return 2
-    options = TranscribeOptions(
-        language=args.language,
-        task=args.task,
-        initial_prompt=args.initial_prompt,
-        word_timestamps=args.word_timestamps or args.diarize,
-        beam_size=args.beam_size,
-    )
-    transcriber = Transcriber.from_settings(
-        settings,
-        model=args.model,
-        device=args.device,
-        diarization=args.diarize,
-    )
-    speaker_hints = dict(
-        num_speakers=args.num_speakers, min_speakers=args.min_speakers, max_speakers=args.max_speakers
-    )
+    request = request_from_args(args)
     try:
-        transcriber.check(options, **speaker_hints)
+        check_request(request)  # before any model loads
+        pipeline = build_pipeline(args)
+        pipeline.check(request)
     except SpeechError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    transcriber.load()
     audio_seconds, failures = 0.0, 0
+    languages: Counter[str] = Counter()
     bar = tqdm(total=len(files), unit="file", disable=args.quiet, file=sys.stderr)
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -109,16 +124,17 @@ def transcribe_command(args: argparse.Namespace) -> int:
         decoded = []
         for path in group:
             try:
-                decoded.append((path, decode_audio(path, max_duration_s=settings.AUDIO_MAX_DURATION_S)))
+                decoded.append((path, pipeline.load(path)))
             except (SpeechError, OSError) as err:
                 failures += 1
                 print(f"error: {path}: {err}", file=sys.stderr)
                 bar.update(1)
         if not decoded:
             continue
-        transcripts = transcriber.transcribe([a for _, a in decoded], options, **speaker_hints)
+        transcripts = asyncio.run(pipeline.run_many(request, [a for _, a in decoded]))
         for (path, audio), transcript in zip(decoded, transcripts, strict=True):
             audio_seconds += len(audio) / SAMPLE_RATE
+            languages[transcript.language] += 1
             text = render(transcript, args.format, file_id=path.stem)
             if args.output_dir is None:
                 sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -129,9 +145,10 @@ def transcribe_command(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     if not args.quiet:
         rtf = audio_seconds / wall if wall > 0 else 0.0
+        detected = ",".join(f"{lang}:{n}" for lang, n in languages.most_common()) or "-"
         print(
             f"files={len(files)} failed={failures} audio_s={audio_seconds:.1f} wall_s={wall:.1f} "
-            f"real_time_factor={rtf:.1f}x",
+            f"real_time_factor={rtf:.1f}x language={detected}",
             file=sys.stderr,
         )
     return 1 if failures else 0

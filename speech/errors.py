@@ -40,6 +40,12 @@ class AudioTooLongError(AudioError):
     code = "audio_too_long"
 
 
+class AudioTooLargeError(AudioError):
+    """The file is larger than the size limit (checked before it is read)."""
+
+    code = "file_too_large"
+
+
 class InvalidOptionError(SpeechError, ValueError):
     """An option value the engine cannot honour (unknown language, bad speaker hint, ...)."""
 
@@ -57,3 +63,9 @@ class InvalidOptionError(SpeechError, ValueError):
 
 class ModelNotFoundError(SpeechError):
     code = "model_not_found"
+
+
+class DiarizationUnavailableError(SpeechError):
+    """This deployment cannot diarize (engine missing or its model failed to load)."""
+
+    code = "diarization_unavailable"

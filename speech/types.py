@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 SAMPLE_RATE = 16_000
 """Every decoded waveform in the engine is mono float32 at this rate."""
 
@@ -105,3 +107,29 @@ class TranscribeOptions:
             f"lang={self.language}|task={self.task}|prompt={self.initial_prompt}|"
             f"words={int(self.word_timestamps)}|beam={self.beam_size}|t={self.temperature}"
         )
+
+
+@dataclass
+class Window:
+    """One <= 30 s piece of one input, ready to be batched with any other window."""
+
+    samples: np.ndarray
+    offset_s: float
+    options: TranscribeOptions
+    index: int = 0
+    speech: tuple[tuple[float, float], ...] = ()
+    """Where the VAD heard speech, in seconds from the window start (word onsets snap to it)."""
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass
+class WindowResult:
+    """What the model made of one window; times are relative to the window start."""
+
+    language: str
+    segments: list[Segment] = field(default_factory=list)
+    token_probs: list[list[float]] = field(default_factory=list, repr=False)
+    """Per segment, the probability of each of its text tokens (for word probabilities)."""

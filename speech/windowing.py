@@ -7,9 +7,14 @@ and, for speech that runs on longer than a window, into the quietest 100 ms near
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+
 import numpy as np
 
-from speech.types import SAMPLE_RATE
+from speech.types import SAMPLE_RATE, Segment, TranscribeOptions, Transcript, Window, WindowResult
+from speech.vad import VadParams, make_vad
 
 MAX_WINDOW_S = 30.0
 _QUIET_FRAME = SAMPLE_RATE // 10
@@ -78,3 +83,75 @@ def _with_context(windows: list[tuple[int, int]], n_samples: int, max_len: int) 
         right = min(_CONTEXT, (next_start - end) // 2 if i + 1 < len(windows) else n_samples - end, room - left)
         out.append((start - max(0, left), end + max(0, right)))
     return out
+
+
+def speech_within(regions: Sequence[tuple[int, int]], start: int, end: int) -> tuple[tuple[float, float], ...]:
+    """The VAD regions overlapping [start, end), clipped, in seconds from `start`."""
+    return tuple(
+        ((max(s, start) - start) / SAMPLE_RATE, (min(e, end) - start) / SAMPLE_RATE)
+        for s, e in regions
+        if e > start and s < end
+    )
+
+
+def vad_kind_for(device: str) -> str:
+    """The VAD the engine plans with on `device`: Silero costs a fifth of the CPU budget, on a
+    GPU machine it is noise next to the model."""
+    return "silero" if device == "cuda" else "energy"
+
+
+class WindowPlanner:
+    """Cuts one recording into the windows the ASR decodes. Needs the VAD only, never the model,
+    so callers plan where the audio is (ingress, job runner, bulk CPU tasks) and the model
+    replicas only decode."""
+
+    def __init__(self, vad: str = "energy", vad_params: VadParams | None = None) -> None:
+        self.vad_kind = vad
+        self.vad = make_vad(vad, vad_params)
+
+    def load(self) -> None:
+        self.vad.load()
+
+    def plan(self, audio: np.ndarray, options: TranscribeOptions) -> list[Window]:
+        """Windows of at most 30 s cut at pauses; silence between them is left out."""
+        self.load()
+        regions = self.vad.speech_regions(audio)
+        spans = plan_windows(audio, regions, MAX_WINDOW_S)
+        return [
+            Window(audio[s:e], s / SAMPLE_RATE, options, i, speech_within(regions, s, e))
+            for i, (s, e) in enumerate(spans)
+        ]
+
+
+def stitch(
+    duration_s: float,
+    windows: Sequence[Window],
+    results: Sequence[WindowResult],
+    options: TranscribeOptions,
+) -> Transcript:
+    """One transcript from a recording's windows, times moved to the recording's clock. Needs
+    each window's offset and the recording's length, never the samples."""
+    segments: list[Segment] = []
+    for window, result in zip(windows, results, strict=True):
+        off = window.offset_s
+        for seg in result.segments:
+            words = [
+                replace(w, start=round(min(w.start + off, duration_s), 3),
+                        end=round(min(w.end + off, duration_s), 3))
+                for w in seg.words
+            ]
+            segments.append(
+                replace(seg, id=len(segments), start=round(min(seg.start + off, duration_s), 3),
+                        end=round(min(seg.end + off, duration_s), 3), seek=int(round(off * 100)),
+                        words=words)
+            )
+    language = options.language or majority_language(windows, results)
+    return Transcript(language=language, duration=duration_s, segments=segments, task=options.task)
+
+
+def majority_language(windows: Sequence[Window], results: Sequence[WindowResult]) -> str:
+    """The language detected over most of the recording's speech (duration-weighted vote)."""
+    votes: Counter[str] = Counter()
+    for w, r in zip(windows, results, strict=True):
+        votes[r.language] += w.duration_s
+    return votes.most_common(1)[0][0] if votes else "en"

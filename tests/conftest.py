@@ -1,5 +1,9 @@
 """Fixtures shared across the test packages: real speech data and the converted offline models.
 
+The recordings live in the repository (tests/data, see its README.md and MANIFEST.tsv), so a
+fresh clone runs the suite without anything beside it; the benchmarks (bench/) use the larger
+recordings of the project's shared data instead.
+
 The packaged Whisper models are converted once into the real model cache
 (Settings.MODEL_CACHE_DIR), so every test session after the first only loads them.
 """
@@ -11,14 +15,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SPEECH_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "speech"
-"""Real recordings with references (shared/ lies beside the repository, in CI too)."""
+SPEECH_DATA_DIR = REPO_ROOT / "tests" / "data"
+"""Real recordings with their references, kept in the repository (tests/data/README.md)."""
 
 
 @pytest.fixture(scope="session")
 def speech_data_dir() -> Path:
     if not SPEECH_DATA_DIR.is_dir():
-        pytest.fail(f"real speech data not found at {SPEECH_DATA_DIR}")
+        pytest.fail(f"the test recordings are missing: {SPEECH_DATA_DIR} (tests/data in the repository)")
     return SPEECH_DATA_DIR
 
 
@@ -57,7 +61,7 @@ def tiny_engine(tiny_en_model_dir: Path, model_cache_dir: Path):
 
 @pytest.fixture(scope="session")
 def decode():
-    """Decode a file of the shared data to the engine's 16 kHz mono float32."""
+    """Decode a file of the test data to the engine's 16 kHz mono float32."""
     from speech.audio import decode_audio
 
     return decode_audio

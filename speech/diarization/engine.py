@@ -13,39 +13,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from speech.errors import AudioError, EmptyAudioError, InvalidOptionError, ModelNotFoundError
+from speech.errors import AudioError, EmptyAudioError, ModelNotFoundError
+from speech.request import validate_hints
 from speech.types import SAMPLE_RATE, SpeakerTurn
 
 log = logging.getLogger(__name__)
 
 PACKAGED = "packaged"
-MAX_SPEAKERS = 32
-"""Upper bound on any speaker hint: past it a hint is a typo, not a meeting."""
 
 
-def validate_hints(
-    num_speakers: int | None, min_speakers: int | None, max_speakers: int | None
-) -> None:
-    """Refuse impossible speaker-count hints before any model time is spent."""
-    for name, value in (
-        ("num_speakers", num_speakers),
-        ("min_speakers", min_speakers),
-        ("max_speakers", max_speakers),
-    ):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InvalidOptionError(name, f"{name} must be a whole number, got {value!r}")
-        if not 1 <= value <= MAX_SPEAKERS:
-            raise InvalidOptionError(name, f"{name} must be between 1 and {MAX_SPEAKERS}, got {value}")
-    if num_speakers is not None and (min_speakers is not None or max_speakers is not None):
-        raise InvalidOptionError(
-            "num_speakers", "give either num_speakers or min_speakers/max_speakers, not both"
-        )
-    if min_speakers is not None and max_speakers is not None and min_speakers > max_speakers:
-        raise InvalidOptionError(
-            "min_speakers", f"min_speakers ({min_speakers}) is larger than max_speakers ({max_speakers})"
-        )
+def load_diarizer(spec: str = PACKAGED, device: str = "cpu",
+                  hf_token: str | None = None) -> tuple[DiarizationEngine | None, str | None]:
+    """A loaded engine, or None and the reason it could not load. Transcription goes on without
+    diarization: callers report the reason to whoever asks for speakers."""
+    engine = DiarizationEngine(spec, device=device, hf_token=hf_token)
+    try:
+        engine.load()
+    except Exception as exc:  # noqa: BLE001 - any load failure means "unavailable", said once
+        log.warning("diarization model could not be loaded", exc_info=True,
+                    extra={"model": spec, "error": type(exc).__name__})
+        return None, f"Diarization is unavailable: model {spec!r} failed to load ({type(exc).__name__}: {exc})."
+    return engine, None
 
 
 class DiarizationEngine:

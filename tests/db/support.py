@@ -25,13 +25,15 @@ from db.migrate import upgrade_head
 from db.session import dispose_all, get_engine, session_scope
 from serve import jobs_api, ratelimit
 from serve.auth import create_key_for
+from serve.context import IngressConfig, Services
 from serve.errors import install_error_handlers
+from tests.conftest import SPEECH_DATA_DIR
 
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "test"}
 REDIS_URL = "redis://127.0.0.1:6379/0"
-DATA_DIR = Path("/work/shared/data/speech")
+DATA_DIR = SPEECH_DATA_DIR
 JFK = DATA_DIR / "jfk" / "jfk.flac"
-JFK_TEXT = (DATA_DIR / "jfk" / "jfk.txt").read_text().strip() if (DATA_DIR / "jfk" / "jfk.txt").exists() else ""
+JFK_TEXT = (DATA_DIR / "jfk" / "jfk.txt").read_text().strip()
 SHORT = DATA_DIR / "pocketsphinx" / "cards" / "001.wav"
 TABLES = "words, segments, jobs, api_keys, users, audit_events"
 
@@ -102,11 +104,39 @@ def pg_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_url: str) -> Ite
     get_settings.cache_clear()
 
 
-def make_app() -> FastAPI:
-    """An app with just the jobs router, wired the way the ingress wires it."""
+TINY_EN_INFO = {"id": "tiny.en", "multilingual": False, "languages": ["en"], "device": "cpu",
+                "vad": "energy"}
+"""What the ASR replica's `model_info` says for the packaged tiny.en (checked against the real
+engine in tests/serve/test_jobs_api.py)."""
+
+
+class _Answer:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def remote(self, *_: object) -> object:
+        async def answer() -> object:
+            return self.value
+
+        return answer()
+
+
+class ReplicaInfo:
+    """A model deployment's handle that answers `model_info` only: the jobs router checks a job's
+    options against the served models at submission and runs no model itself."""
+
+    def __init__(self, info: dict) -> None:
+        self.model_info = _Answer(info)
+
+
+def make_app(*, diarization: bool = True) -> FastAPI:
+    """An app with just the jobs router, wired the way the ingress wires it: the services on
+    app.state, here with handles that describe tiny.en (and a working diarizer) without models."""
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(jobs_api.router)
+    diarizer = ReplicaInfo({"available": True, "reason": None}) if diarization else None
+    app.state.services = Services(ReplicaInfo(TINY_EN_INFO), diarizer, IngressConfig())
     return app
 
 

@@ -133,12 +133,13 @@ def test_a_stopped_runner_hands_its_running_job_back_only_when_asked(backend: st
     no-op engine stands in for the model: it only has to be busy when the stop comes."""
     import asyncio
 
-    from serve.job_runner import JobRunner, noop_transcriber
+    from serve.job_runner import JobRunner
+    from tests.fakes import fake_pipeline
 
     _queue(2)
 
     async def run(release: bool) -> str:
-        runner = JobRunner(noop_transcriber(delay_s=60), concurrency=1, poll_s=0.05)
+        runner = JobRunner(fake_pipeline(delay_s=60), concurrency=1, poll_s=0.05)
         runner.start()
         deadline = time.monotonic() + 20
         while not runner.running:

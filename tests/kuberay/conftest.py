@@ -14,7 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "kuberay"
 MONITORING = REPO / "monitoring"
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "tests" / "data" / "kuberay-crds"
+"""KubeRay's CRDs (RayService, RayJob, RayCluster), vendored with their licence and README."""
 VENV_BIN = Path(sys.executable).parent
 
 

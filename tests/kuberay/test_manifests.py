@@ -1,5 +1,5 @@
 """Kubernetes manifests validated offline: KubeRay resources against the CRD schemas in
-shared/kuberay-crds, built-in kinds against Kubernetes' own schemas (kubernetes-validate)."""
+tests/data/kuberay-crds, built-in kinds against Kubernetes' own schemas (kubernetes-validate)."""
 
 from __future__ import annotations
 

@@ -44,3 +44,21 @@ def test_render_replaces_only_the_serve_config_block() -> None:
     text = "spec:\n  serveConfigV2: |\n    old: 1\n\n    older: 2\n  rayClusterConfig:\n    rayVersion: x\n"
     out = r.render(text, "a: 1\nb:\n  - c\n")
     assert out == "spec:\n  serveConfigV2: |\n    a: 1\n    b:\n      - c\n  rayClusterConfig:\n    rayVersion: x\n"
+
+
+def test_serve_config_overrules_none_of_the_pods_settings() -> None:
+    """Issue 13 bug 4 on KubeRay: Ray applies an application's runtime_env `env_vars` over the
+    environment of the pods, so a name pinned there would silently win over the ConfigMap (and
+    over the cpu group's own AI_DEVICE). The pods' environment must be what decides."""
+    spec = _rayservice()["spec"]
+    embedded = yaml.safe_load(spec["serveConfigV2"])
+    pinned = {name for app in embedded["applications"]
+              for name in ((app.get("runtime_env") or {}).get("env_vars") or {})}
+    (configmap,) = load_docs(KUBERAY / "base" / "configmap.yaml")
+    pod_env = set(configmap["data"])
+    cluster = spec["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        for container in group["template"]["spec"]["containers"]:
+            pod_env |= {e["name"] for e in container.get("env") or []}
+    assert "AI_DEVICE" in pod_env
+    assert not pinned & pod_env, f"serve_config.gpu.yaml's runtime_env overrules the pods on {pinned & pod_env}"

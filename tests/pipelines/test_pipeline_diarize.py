@@ -2,9 +2,10 @@
 recordings: decode -> diarization actor pool -> split -> Whisper actor pool -> assemble.
 
 Two 30 s clips with reference speaker turns: the pyannote sample (a two-person call) and an AMI
-meeting excerpt with two speakers (pyannote's debug set, dev00). Every segment gets a speaker,
-both voices are found, and each file's record equals what `speech.transcriber.Transcriber` (the
-code the CLI and, with two deployments, the service run) gives for the same file.
+meeting excerpt with two speakers (pyannote's debug set, dev00, kept as lossless FLAC). Every
+segment gets a speaker, both voices are found, and each file's record equals what
+`speech.pipeline.TranscriptionPipeline` (the code the CLI and, on deployment handles, the service run)
+gives for the same file.
 
 On CPU the two actor pools once took every CPU of a 2-CPU cluster and the decode tasks feeding
 them never ran: this run on 2 CPUs is the regression test for that too.
@@ -25,9 +26,9 @@ from pipelines.batch_transcribe import RunConfig, Summary, run
 from pipelines.records import FileRecord, read_records
 
 REPO = Path(__file__).resolve().parents[2]
-CLIPS = {  # name in the temp folder -> (clip in the shared data, its reference turns)
+CLIPS = {  # name in the temp folder -> (clip in tests/data, its reference turns)
     "call.wav": ("pyannote_sample/sample.wav", "pyannote_sample/sample.rttm"),
-    "meeting.wav": ("pyannote_tests/dev00.wav", "pyannote_tests/debug.development.rttm"),
+    "meeting.flac": ("pyannote_tests/dev00.flac", "pyannote_tests/debug.development.rttm"),
 }
 
 
@@ -105,22 +106,22 @@ def test_speaker_turns_are_written_as_rttm_beside_the_output(diarized: DiarizedR
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_records_equal_the_transcriber_on_the_same_file(diarized: DiarizedRun, model_cache_dir: Path) -> None:
-    """Same file, same options: the pipeline's diarized transcript is the shared core's, field
+def test_records_equal_the_shared_pipeline_on_the_same_file(diarized: DiarizedRun, model_cache_dir: Path) -> None:
+    """Same file, same options: the bulk run's diarized transcript is `speech.pipeline`'s, field
     for field (speakers, turns, words and their labels)."""
+    import asyncio
+
     from config.settings import get_settings
     from speech.asr import WhisperEngine
-    from speech.audio import decode_audio
     from speech.diarization import DiarizationEngine
-    from speech.transcriber import Transcriber
-    from speech.types import TranscribeOptions
+    from speech.pipeline import TranscriptionPipeline
+    from speech.request import TranscriptionRequest
 
     settings = get_settings()
-    transcriber = Transcriber(WhisperEngine("tiny.en", device="cpu", cache_dir=model_cache_dir),
-                              DiarizationEngine(settings.DIARIZATION_MODEL_PATH, device="cpu"))
+    pipeline = TranscriptionPipeline.local(WhisperEngine("tiny.en", device="cpu", cache_dir=model_cache_dir),
+                                           DiarizationEngine(settings.DIARIZATION_MODEL_PATH, device="cpu"))
     for name in CLIPS:
-        audio = decode_audio(diarized.folder / name)
-        direct = transcriber.transcribe([audio], TranscribeOptions())[0]
+        direct = asyncio.run(pipeline.run(TranscriptionRequest(diarize=True), diarized.folder / name))
         assert _rec(diarized, name).transcript().to_dict() == direct.to_dict(), name
 
 

@@ -32,10 +32,11 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.conftest import SPEECH_DATA_DIR
 from tests.db.support import PG_ADMIN, Caller, pg_admin
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "speech"
+DATA = SPEECH_DATA_DIR
 JFK = DATA / "jfk" / "jfk.flac"
 SHORT_CLIP = DATA / "pocketsphinx" / "librivox" / "sense_and_sensibility_01_austen_64kb-0870.wav"
 

@@ -19,7 +19,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -190,9 +189,10 @@ def test_admin_routes_are_a_403_for_ordinary_keys_and_work_for_admins(stack: Sta
 # --------------------------------------------------------------------------- rate limit
 def test_601_requests_from_one_key_in_a_minute_end_in_429_with_retry_after(stack: Stack) -> None:
     """A fresh key of its own (the suite's keys are not throttled); the limit is per key, so a
-    second fresh key of the same user is not affected."""
+    second fresh key of the same user is not affected. That all 601 fell in one window is the
+    limiter's own word: its 429 says a slot frees within the 60 s window (Retry-After), which a
+    sliding log only says while the window holds 600 of the key's requests."""
     key, other = user_keys(stack.db_url, "burst@example.com", 2, name="burst")
-    t0 = time.monotonic()
     with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=8)) as client:
         def one(_: int) -> int:
             return client.get(stack.url("/v1/models"), headers=key.headers).status_code
@@ -201,10 +201,8 @@ def test_601_requests_from_one_key_in_a_minute_end_in_429_with_retry_after(stack
             statuses = list(pool.map(one, range(KEY_LIMIT_PER_MINUTE)))
         last = client.get(stack.url("/v1/models"), headers=key.headers)
         neighbour = client.get(stack.url("/v1/models"), headers=other.headers)
-    took = time.monotonic() - t0
     for status in (*statuses, last.status_code, neighbour.status_code):
         stack.ledger.request(status)
-    assert took < 55, f"the burst took {took:.0f} s: not within one window"
     assert statuses.count(200) == KEY_LIMIT_PER_MINUTE, sorted(set(statuses))
     stack.ledger.bad_input(f"request {KEY_LIMIT_PER_MINUTE + 1} in a minute", 429, last.status_code)
     _assert_error(last, 429, "rate_limit_exceeded")

@@ -62,7 +62,8 @@ REQUEST_TIMEOUT_S = 120.0
 """A synchronous request not answered within this is a request without an answer."""
 JOB_SETTLE_S = 240.0
 """A job not terminal this long after its fault is lost."""
-CONVERSATIONS = DATA / "synthetic_conv_librispeech"
+CONVERSATION = DATA / "conv2spk_75s.flac"
+"""76.5 s of real speech (LibriSpeech utterances as a two-speaker conversation)."""
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 MODULE = Counter()
@@ -72,20 +73,25 @@ MODULE = Counter()
 # --------------------------------------------------------------------------- audio
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Real speech (LibriSpeech conversations) cut into 30 s pieces, one model window each."""
+    """Real speech (a LibriSpeech conversation) cut into 30 s pieces, one model window each,
+    16 kHz mono WAV; the pieces start 3 s apart, so no two send the same bytes."""
+    import numpy as np
+
+    from speech.audio import decode_audio
+
+    rate, frames = 16_000, 30 * 16_000
+    pcm = np.clip(np.round(decode_audio(CONVERSATION) * 32768), -32768, 32767).astype("<i2")
     out = tmp_path_factory.mktemp("clips")
     paths = []
-    for name in ("conv2spk", "conv3spk"):
-        with wave.open(str(CONVERSATIONS / f"{name}.wav")) as src:
-            params = src.getparams()
-            frames = 30 * params.framerate
-            while src.tell() + frames <= params.nframes:
-                path = out / f"{name}_{len(paths):02d}.wav"
-                with wave.open(str(path), "wb") as dst:
-                    dst.setparams(params)
-                    dst.writeframes(src.readframes(frames))
-                paths.append(path)
-    assert len(paths) >= 10
+    for start in range(0, len(pcm) - frames + 1, 3 * rate):
+        path = out / f"conv2spk_{len(paths):02d}.wav"
+        with wave.open(str(path), "wb") as dst:
+            dst.setnchannels(1)
+            dst.setsampwidth(2)
+            dst.setframerate(rate)
+            dst.writeframes(pcm[start : start + frames].tobytes())
+        paths.append(path)
+    assert len(paths) >= 12  # the tests below use clips[0] to clips[11]
     return paths
 
 

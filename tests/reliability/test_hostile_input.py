@@ -285,28 +285,25 @@ def _asr_audio_seconds(stack: Stack) -> list[float]:
 def test_a_six_hour_recording_is_refused_by_its_length_at_once_and_never_reaches_the_model(
         stack: Stack, route: str) -> None:
     """A real six-hour FLAC of silence (43 kB, decodable to the end) against AUDIO_MAX_DURATION_S
-    of two hours: 400 in under 5 s. Then a 2 s clip is transcribed at once, and the batches the
-    ASR replica logged meanwhile hold only minutes of audio at most: had it been handed the six
-    hours (720 windows, served first in first out), the clip would have waited behind them."""
+    of two hours: 400 naming the length its header declares (refused by that, not by decoding
+    it), no job and no file left. Then a 2 s clip is transcribed, and the batches the ASR
+    replica logged since the refusal hold less than one 30 s window: had it been handed the six
+    hours (720 windows, served first in first out), their batches would come before the clip's."""
     six_hours = flac_silence(6 * 3600)
     assert len(six_hours) < MAX_UPLOAD_BYTES // 50
     logged = len(_asr_audio_seconds(stack))
     before = Snapshot.take(stack)
-    t0 = time.monotonic()
     response = _send(stack, route, {}, ("six-hours.flac", six_hours))
-    took = time.monotonic() - t0
     stack.ledger.bad_input(f"{route}: six-hour recording", 400, response.status_code)
     error = _assert_error(response, 400, code="audio_too_long", param="file")
-    assert "21600" in error["message"] and f"{MAX_DURATION_S:g}" in error["message"], error
-    assert took < 5, f"refusing a six-hour file took {took:.1f} s"
+    # "21600.0 s long" is the length the header declares (decoding would stop at the limit)
+    assert "21600.0 s long" in error["message"] and f"{MAX_DURATION_S:g}" in error["message"], error
     before.assert_nothing_left(stack, f"{route}: six-hour recording")
 
-    t0 = time.monotonic()
     probe = _send(stack, "sync", {}, ("probe.wav", _clip()))
     assert probe.status_code == 200, probe.text
-    assert time.monotonic() - t0 < 30, "a 2 s clip waited: the model was busy"
     new = _asr_audio_seconds(stack)[logged:]
-    assert new and sum(new) < 120, f"the ASR replica transcribed {sum(new):.0f} s meanwhile"
+    assert new and sum(new) < 30, f"the ASR replica transcribed {sum(new):.0f} s meanwhile: {new}"
     _finish_accepted(stack, "sync", probe, before, "probe.wav")
     before.assert_nothing_left(stack, "six-hour probe")
 
@@ -450,8 +447,9 @@ def test_an_upload_that_stalls_mid_body_is_answered_408_after_the_stall_timeout(
     stack.ledger.request(status)
     stack.ledger.bad_input(f"{route}: upload stalled mid-body", 408, status or 0)
     assert status == 408, f"after {waited:.0f} s: {error}"
+    # the stall detector, with the configured timeout (not the rate floor, not Ray's timeout)
     assert error["code"] == "upload_timeout", error
-    assert UPLOAD_STALL_TIMEOUT_S - 1 <= waited <= UPLOAD_STALL_TIMEOUT_S + 10, waited
+    assert f"sent nothing for {UPLOAD_STALL_TIMEOUT_S:g} s" in error["message"], error
     before.assert_nothing_left(stack, f"{route}: stalled upload")
 
 
@@ -467,6 +465,7 @@ def test_an_upload_trickled_a_byte_at_a_time_is_answered_408_by_the_rate_floor(
     stack.ledger.request(status)
     stack.ledger.bad_input(f"{route}: upload trickled a byte every 2 s", 408, status or 0)
     assert status == 408, f"after {waited:.0f} s: {error}"
-    assert error["code"] == "upload_timeout" and "bytes/s" in error["message"], error
-    assert UPLOAD_STALL_TIMEOUT_S <= waited <= UPLOAD_STALL_TIMEOUT_S + 10, waited
+    # the rate floor (the stall detector never fires: a byte comes every 2 s)
+    assert error["code"] == "upload_timeout" and "arrived slower than" in error["message"], error
+    assert "bytes/s" in error["message"] and "sent nothing" not in error["message"], error
     before.assert_nothing_left(stack, f"{route}: trickled upload")

@@ -32,8 +32,9 @@ import time
 import pytest
 import yaml
 
+from bench.data import short_clips
 from bench.loadgen import NO_ANSWER, SHED, Level, drive, saturation, table
-from tests.reliability.support import ROOT, Stack, user_keys
+from tests.reliability.support import DATA, ROOT, Stack, user_keys
 
 STEPS = (1, 4, 16, 64, 128)
 STEP_S = 8.0
@@ -45,6 +46,8 @@ LOAD_KEYS = 32
 LOAD_USER = "load@example.com"
 LIGHT_LOAD = 4
 """Up to this many clients nothing may be shed (the time limit is 20 s of waiting)."""
+CLIPS = short_clips(DATA)
+"""The load generator's real clips of 3-12 s, from tests/data."""
 
 
 def asr_capacity() -> int:
@@ -85,11 +88,11 @@ def test_load_steps_shed_past_saturation(stack: Stack, capsys: pytest.CaptureFix
     url = stack.service.base_url
 
     started = time.monotonic()
-    warm = drive(url, 2, 3.0, headers=headers, timeout_s=CLIENT_TIMEOUT_S)
+    warm = drive(url, 2, 3.0, CLIPS, headers=headers, timeout_s=CLIENT_TIMEOUT_S)
     _record(stack, warm)
     levels = []
     for n in STEPS:
-        level = drive(url, n, STEP_S, headers=headers, job_every=JOB_EVERY,
+        level = drive(url, n, STEP_S, CLIPS, headers=headers, job_every=JOB_EVERY,
                       max_jobs=MAX_JOBS_PER_STEP, timeout_s=CLIENT_TIMEOUT_S,
                       job_timeout_s=JOB_TIMEOUT_S)
         _record(stack, level)

@@ -12,7 +12,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "speech"
+from tests.conftest import SPEECH_DATA_DIR as DATA
+
 APP_NAME = "speech-test"
 MAX_UPLOAD_BYTES = 3 * 1024 * 1024
 ASR_MAX_ONGOING = 16
@@ -72,7 +73,7 @@ def create_local_key(env: dict[str, str]) -> str:
     import os
 
     from config.settings import get_settings
-    from serve.jobs_api import prepare_database
+    from serve.job_records import prepare_database
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -121,7 +120,8 @@ def test_a_chunked_upload_is_stopped_while_streaming(service) -> None:  # noqa: 
 
 
 def test_a_declared_oversize_body_is_refused_before_it_is_sent(service) -> None:  # noqa: ANN001
-    """Content-Length of 10 GB and only the headers sent: the 413 comes back anyway."""
+    """Content-Length of 10 GB and only the headers sent: the 413 comes back anyway, while the
+    client has sent 5 bytes of the body and waits (the socket timeout only bounds the wait)."""
     url = urlparse(service.base_url)
     request = (f"POST {TRANSCRIBE} HTTP/1.1\r\nHost: {url.hostname}\r\n"
                "Content-Type: multipart/form-data; boundary=x\r\n"
@@ -129,7 +129,6 @@ def test_a_declared_oversize_body_is_refused_before_it_is_sent(service) -> None:
                f"Content-Length: {10 * 1024 ** 3}\r\n\r\n").encode()
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(request + b"--x\r\n")
-        t0 = time.monotonic()
         reply = b""
         while b"\r\n\r\n" not in reply:
             chunk = sock.recv(65536)
@@ -137,7 +136,6 @@ def test_a_declared_oversize_body_is_refused_before_it_is_sent(service) -> None:
                 break
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-    assert time.monotonic() - t0 < 30
 
 
 def test_overload_is_a_503_with_retry_after(service) -> None:  # noqa: ANN001

@@ -14,7 +14,7 @@ from config.settings import get_settings
 from db import repository as repo
 from db.session import session_scope
 from serve.storage import audio_path
-from tests.db.support import JFK, SHORT, backend, client, make_caller, pg_url, submit  # noqa: F401
+from tests.db.support import JFK, SHORT, TINY_EN_INFO, backend, client, make_app, make_caller, pg_url, submit  # noqa: F401
 
 
 def _stored_files() -> list:
@@ -92,6 +92,37 @@ def test_bad_options_name_the_parameter(client: TestClient) -> None:
         assert response.status_code == 400, (data, response.text)
         assert response.json()["error"]["param"] == param, response.text
     assert _stored_files() == []
+
+
+def test_options_the_served_model_cannot_honour_are_refused_at_submission(client: TestClient) -> None:
+    """Issue 13 bug 2: tiny.en is English-only, so French or translation can never succeed; the
+    job is refused now (400 invalid_option), not queued to fail three times later."""
+    alice = make_caller("alice@example.org")
+    for data, param in (({"language": "fr"}, "language"), ({"task": "translate"}, "task"),
+                        ({"model": "large-v9"}, "model")):
+        with SHORT.open("rb") as fh:
+            response = client.post("/v1/jobs", headers=alice.headers, files={"file": (SHORT.name, fh)}, data=data)
+        assert response.status_code == 400, (data, response.text)
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, "invalid_option"), response.text
+    assert _stored_files() == []
+    assert client.get("/v1/jobs", headers=alice.headers).json()["data"] == []
+
+
+def test_diarization_that_is_not_available_is_refused_at_submission(backend: str) -> None:  # noqa: F811
+    alice = make_caller("alice@example.org")
+    with TestClient(make_app(diarization=False)) as no_diarizer, SHORT.open("rb") as fh:
+        response = no_diarizer.post("/v1/jobs", headers=alice.headers, files={"file": (SHORT.name, fh)},
+                                    data={"diarize": "true"})
+    assert response.status_code == 501, response.text
+    assert response.json()["error"]["code"] == "diarization_unavailable"
+
+
+def test_the_stand_in_replica_describes_the_real_tiny_en(tiny_engine) -> None:  # noqa: ANN001
+    """The jobs router's tests answer `model_info` with TINY_EN_INFO: it must be the real one."""
+    caps = tiny_engine.capabilities()
+    assert (caps.model, caps.multilingual, list(caps.languages), caps.device, caps.vad) == \
+        tuple(TINY_EN_INFO[k] for k in ("id", "multilingual", "languages", "device", "vad"))
 
 
 def test_cancel_then_events_report_the_final_state(client: TestClient) -> None:

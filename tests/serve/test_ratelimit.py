@@ -14,7 +14,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from db.migrate import upgrade_head
-from serve import jobs_api, ratelimit
+from serve import job_records, ratelimit
 from tests.db.support import REDIS_URL, configure, make_app, make_caller
 
 
@@ -62,7 +62,7 @@ def test_with_redis_down_limits_are_local_logged_and_readiness_is_degraded(  # t
     assert [r.getMessage() for r in caplog.records].count(
         "redis unreachable; rate limits are per process until it is back") == 1
     assert ratelimit.status()["degraded"] is True
-    assert jobs_api.readiness()["status"] == "degraded"
+    assert job_records.readiness()["status"] == "degraded"
 
 
 def test_the_key_itself_never_reaches_redis(app_with) -> None:  # type: ignore[no-untyped-def]

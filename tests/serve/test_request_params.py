@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.openai_api import check_model, parse_params
+from serve.params import check_model, parse_params
 from speech.errors import InvalidOptionError
 
 
@@ -14,25 +14,25 @@ def parse(**fields: object):  # noqa: ANN201
 
 def test_defaults_are_openais() -> None:
     p = parse()
-    assert (p.response_format, p.temperature, p.timestamp_granularities, p.diarize) == \
-        ("json", 0.0, (), False)
-    assert p.options().word_timestamps is False and p.options().task == "transcribe"
+    assert (p.response_format, p.request.options.temperature, p.timestamp_granularities,
+            p.request.diarize) == ("json", 0.0, (), False)
+    assert p.request.options.word_timestamps is False and p.request.options.task == "transcribe"
 
 
 def test_word_granularity_turns_on_word_timestamps() -> None:
     p = parse(response_format="verbose_json", timestamp_granularities=["word", "segment"])
     assert p.timestamp_granularities == ("word", "segment")
-    assert p.options().word_timestamps is True
+    assert p.request.options.word_timestamps is True
 
 
 def test_language_and_prompt_reach_the_engine_options() -> None:
-    o = parse(language="EN", prompt="Kennedy", temperature="0.2").options()
+    o = parse(language="EN", prompt="Kennedy", temperature="0.2").request.options
     assert (o.language, o.initial_prompt, o.temperature) == ("en", "Kennedy", 0.2)
 
 
 def test_diarized_json_implies_diarize_and_takes_speaker_hints() -> None:
     p = parse(response_format="diarized_json", min_speakers="1", max_speakers="3")
-    assert p.diarize and (p.min_speakers, p.max_speakers) == (1, 3)
+    assert p.request.diarize and (p.request.speakers.min_speakers, p.request.speakers.max_speakers) == (1, 3)
 
 
 @pytest.mark.parametrize(("fields", "param"), [

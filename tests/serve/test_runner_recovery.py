@@ -2,7 +2,7 @@
 
 - Crash: the runner is killed (SIGKILL) while it holds a running job; a runner started afterwards
   claims the job when its lease expires and completes it once, with the real model: attempts 2,
-  segments not duplicated. (The killed runner's engine is the no-op stand-in told to take 10 minutes:
+  segments not duplicated. (The killed runner is the tests' fake (tests/fakes.py) told to take 10 minutes:
   all it must do is hold the job when it dies; loading the real model twice would double the
   test's time without testing anything more.)
 - Race: two runners poll the same queue of 50 jobs; every job is processed exactly once.
@@ -31,8 +31,10 @@ from tests.db.support import JFK, JFK_TEXT, env_for_subprocess, make_app, make_c
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _runner(log: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "serve.job_runner", *args], cwd=ROOT,
+def _runner(log: Path, *args: str, module: str = "serve.job_runner") -> subprocess.Popen:
+    """A runner process: the product's (`serve.job_runner`, real model) or the tests' fake one
+    (`tests.fakes`, which holds or answers jobs without reading them)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
                             env=env_for_subprocess(LOG_LEVEL="INFO"), stdout=subprocess.DEVNULL,
                             stderr=log.open("w"))
 
@@ -66,7 +68,7 @@ def test_a_runner_killed_mid_job_is_replaced_and_the_job_completes_once(pg_only:
         job_id = submit(client, alice, JFK, language="en")["id"]
     args = ("--lease-s", "3", "--heartbeat-s", "1", "--poll-s", "0.2")
 
-    first = _runner(tmp_path / "first.log", "--engine", "noop", "--noop-delay-s", "600", *args)
+    first = _runner(tmp_path / "first.log", "--delay-s", "600", *args, module="tests.fakes")
     try:
         _wait(lambda: _job(job_id).status == "running", 240, "the first runner to claim the job", [first])
     finally:
@@ -75,7 +77,7 @@ def test_a_runner_killed_mid_job_is_replaced_and_the_job_completes_once(pg_only:
     killed = _job(job_id)
     assert (killed.status, killed.attempts) == ("running", 1), "the job must still be mid-run when killed"
 
-    second = _runner(tmp_path / "second.log", "--engine", "whisper", *args)
+    second = _runner(tmp_path / "second.log", *args)
     try:
         _wait(lambda: _job(job_id).status in ("succeeded", "failed"), 300, "the restarted runner", [second])
     finally:
@@ -104,10 +106,10 @@ def _finished_by(log: Path) -> list[str]:
 
 
 def test_two_runners_racing_over_50_jobs_process_each_exactly_once(pg_only: str, tmp_path: Path) -> None:  # noqa: F811
-    """The model is replaced by the no-op engine: this tests the queue (claims, leases, SKIP LOCKED),
+    """The model is replaced by the tests' fake pipeline: this tests the queue (claims, leases, SKIP LOCKED),
     not transcription."""
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    runners = [_runner(log, "--engine", "noop", "--noop-delay-s", "0.02", "--poll-s", "0.05") for log in logs]
+    runners = [_runner(log, "--delay-s", "0.02", "--poll-s", "0.05", module="tests.fakes") for log in logs]
     try:
         _wait(lambda: all("runner started" in log.read_text() for log in logs), 60, "runners to start", runners)
         audio = StoredAudio(path=Path("/nonexistent"), sha256="0" * 64, size=0)

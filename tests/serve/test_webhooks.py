@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from db import repository as repo
 from db.session import session_scope
 from serve import webhooks
-from serve.job_runner import JobRunner, noop_transcriber
+from serve.job_runner import JobRunner
+from tests.fakes import fake_pipeline
 from speech.errors import InvalidOptionError
 from tests.db.support import backend, configure, make_app, make_caller, pg_url, submit  # noqa: F401
 
@@ -94,7 +95,7 @@ def test_a_finished_job_is_posted_to_its_callback_with_a_valid_signature(  # noq
         job_id = submit(client, alice, callback_url=receiver.url)["id"]
 
     async def run() -> None:
-        runner = JobRunner(noop_transcriber(), poll_s=0.05)
+        runner = JobRunner(fake_pipeline(), poll_s=0.05)
         assert await runner.run_once() == job_id
         await asyncio.gather(*runner._tasks)
 
@@ -132,7 +133,7 @@ def test_a_webhook_whose_sender_died_is_sent_by_another_runner(  # noqa: F811
         assert repo.claim_stale_webhooks(session=session, stale_after_s=300) == []  # taken over once
 
     async def run() -> None:
-        runner = JobRunner(noop_transcriber())
+        runner = JobRunner(fake_pipeline())
         await runner._send_webhook(job_id)
 
     asyncio.run(run())

@@ -13,14 +13,15 @@ import zipfile
 import zlib
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
 
 import av
 import numpy as np
 
-DATA_DIR = Path("/work/shared/data/speech")
+from tests.conftest import SPEECH_DATA_DIR as DATA_DIR
+
 JFK_FLAC = DATA_DIR / "jfk" / "jfk.flac"
-LONG_FLAC = DATA_DIR / "concat_throughput" / "librispeech_tc100_concat_16k.flac"
+LONG_FLAC = DATA_DIR / "conv2spk_75s.flac"
+"""A real 76.5 s recording: longer than a one-minute limit, refused by its header's length."""
 
 CONTAINERS = ("wav", "flac", "mp3", "m4a", "aac", "ogg", "opus", "webm")
 """Every container users send, by the file extension they arrive with."""

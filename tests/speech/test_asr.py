@@ -80,12 +80,13 @@ def test_windows_of_many_inputs_batched_equal_each_alone(tiny_engine, decode, sp
 
 
 def test_long_form_loses_no_window(tiny_engine, decode, speech_data_dir):
-    """The 54-minute file in one call against its 251 utterances transcribed one by one."""
-    long_file = speech_data_dir / "concat_throughput" / "librispeech_tc100_concat_16k.flac"
+    """A 76.5 s conversation (three windows or more) in one call against its 8 turns (LibriSpeech
+    utterances, from its RTTM) transcribed one by one."""
+    long_file = speech_data_dir / "conv2spk_75s.flac"
     audio = decode(long_file)
-    rows = [r.split("\t") for r in long_file.with_suffix(".segments.tsv").read_text().splitlines()[1:] if r]
-    pieces = [audio[int(float(s) * SAMPLE_RATE) : int(float(e) * SAMPLE_RATE)] for s, e, *_ in rows]
-    assert len(pieces) == 251
+    rows = [r.split() for r in long_file.with_suffix(".rttm").read_text().splitlines() if r.strip()]
+    pieces = [audio[int(float(r[3]) * SAMPLE_RATE) : int((float(r[3]) + float(r[4])) * SAMPLE_RATE)] for r in rows]
+    assert len(pieces) == 8
 
     whole = tiny_engine.transcribe([audio], EN)[0]
     per_piece = sum(word_count(t.text) for t in tiny_engine.transcribe(pieces, EN))
@@ -158,7 +159,7 @@ def test_multilingual_model_detects_language_and_translates(base_engine, decode,
 def test_windows_wanting_word_timestamps_get_them_in_a_mixed_batch(tiny_engine, decode, speech_data_dir):
     audio = decode(speech_data_dir / "jfk" / "jfk.flac")
     plain, worded = TranscribeOptions(), TranscribeOptions(word_timestamps=True)
-    windows = tiny_engine.split(audio, plain) + tiny_engine.split(audio, worded)
+    windows = tiny_engine.planner.plan(audio, plain) + tiny_engine.planner.plan(audio, worded)
     results = tiny_engine.transcribe_windows(windows)
     half = len(windows) // 2
     assert all(not s.words for r in results[:half] for s in r.segments)

@@ -206,8 +206,8 @@ def test_a_header_declaring_years_over_one_second_decodes_that_second() -> None:
 
 
 def test_the_long_recording_is_refused_by_its_header() -> None:
-    with pytest.raises(AudioTooLongError, match="3266.2 s long"):
-        decode_audio(af.LONG_FLAC, max_duration_s=600)
+    with pytest.raises(AudioTooLongError, match=r"76\.5 s long"):
+        decode_audio(af.LONG_FLAC, max_duration_s=60)
 
 
 def test_without_a_declared_length_decoding_stops_at_the_limit() -> None:
