@@ -7,13 +7,32 @@ the embedded default so that a bare machine runs the service with no configurati
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"
+
+IPNetwork = IPv4Network | IPv6Network
+
+
+@lru_cache(maxsize=8)
+def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
+    """`10.0.0.0/8, 192.168.1.7` -> networks (a bare address is a /32 or /128); ValueError names
+    an entry that is not an address or a network (host bits set, as in `10.1.2.3/8`, included)."""
+    out = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        try:
+            out.append(ip_network(entry))
+        except ValueError as exc:
+            raise ValueError(f"{entry!r} is not an IP address or network in CIDR notation "
+                             f"(e.g. 10.0.0.0/8): {exc}") from None
+    return tuple(out)
 
 
 class Settings(BaseSettings):
@@ -63,6 +82,11 @@ class Settings(BaseSettings):
     """Requests per client IP in any 60 s window; 0 disables the IP limit."""
     RATE_LIMIT_KEY_PER_MINUTE: int = Field(default=100, ge=0)
     """Requests per API key in any 60 s window; 0 disables the key limit."""
+    TRUSTED_PROXIES: str = ""
+    """Comma-separated addresses or CIDRs of the reverse proxies in front of the service (the
+    Kubernetes Ingress controller's pods, an nginx); empty = trust none. From a trusted peer the
+    client is the rightmost `X-Forwarded-For` address that is not itself trusted; from any other
+    peer the header is ignored (serve.auth.client_ip, for rate limits, logs and audit)."""
     JOB_LEASE_S: float = Field(default=60.0, gt=0)
     """A running job whose lease is not renewed for this long is claimed again."""
     JOB_HEARTBEAT_S: float = Field(default=15.0, gt=0)
@@ -71,6 +95,9 @@ class Settings(BaseSettings):
     """Claims per job before it is failed with the last reason."""
     JOB_POLL_S: float = Field(default=1.0, gt=0)
     """Idle runner wait between looks at the queue."""
+    JOB_EVENTS_MAX_S: float = Field(default=540.0, gt=0)
+    """A job's event stream ends itself after this long (under Serve's request_timeout_s, 600 s)
+    with a `retry:` hint; the client reconnects with Last-Event-ID and resumes where it was."""
     JOB_RUNNER_CONCURRENCY: int = Field(default=2, ge=0)
     """Jobs one JobRunnerDeployment replica works on at once: its claim loops (0: its replicas run
     none and jobs wait for a standalone `python -m serve.job_runner`). The Ingress runs no jobs."""
@@ -87,6 +114,16 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
     LOG_FILE: Path | None = None
     """When set, JSON logs also go to this file, rotated at 10 MB, 5 files kept."""
+
+    @field_validator("TRUSTED_PROXIES")
+    @classmethod
+    def _valid_networks(cls, value: str) -> str:
+        parse_networks(value)  # raises ValueError naming the entry
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return parse_networks(self.TRUSTED_PROXIES)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -131,21 +131,78 @@ class Summary:
 
 
 # ------------------------------------------------------------------------------------ Ray
-def _connect(cfg: RunConfig) -> bool:
+GCS_PROBE_TIMEOUT_S = 3.0
+
+
+def _cluster_address(cfg: RunConfig) -> tuple[str | None, str]:
+    """The cluster to join and where its address came from; (None, ...) means a private one.
+
+    `--ray-address`, else `RAY_ADDRESS` (what `ray job submit` sets for its entrypoint), else the
+    address the last `ray start --head` on this machine recorded (`<ray temp dir>/ray_current_cluster`,
+    left behind when that head is gone). Ray's "auto" also joins any GCS process it finds with `ps`
+    (other programs' private clusters); a bulk run does not.
+    """
+    if cfg.ray_address == "local":
+        return None, "--ray-address local"
+    if cfg.ray_address and cfg.ray_address != "auto":
+        return cfg.ray_address, "--ray-address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env not in ("auto", "local"):
+        return env, "RAY_ADDRESS"
+    if env == "local":
+        return None, "RAY_ADDRESS=local"
+    from ray._common.utils import get_ray_address_file
+
+    recorded = get_ray_address_file(None)
+    try:
+        address = Path(recorded).read_text().strip()
+    except OSError:
+        address = ""
+    return (address or None), recorded
+
+
+def _gcs_answers(address: str, timeout_s: float = GCS_PROBE_TIMEOUT_S) -> bool:
+    """Whether anything accepts a connection at the address's GCS (or Ray Client) port, within
+    `timeout_s`. `ray.init` itself retries a dead GCS for as long as Ray's reconnect settings allow
+    (a bulk run without a cluster would sit there); a refused or silent port is a dead cluster."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _connect(cfg: RunConfig, *, out=sys.stdout) -> bool:  # noqa: ANN001 - a text stream
     """Use the Ray this process already has, else the cluster at --ray-address (or RAY_ADDRESS /
-    a running local one), else start a private local one. Returns whether we must shut it down."""
+    the one `ray start` recorded on this machine), else start a private local one. Returns whether
+    we must shut it down.
+
+    A cluster named explicitly (--ray-address, RAY_ADDRESS) that does not answer within
+    GCS_PROBE_TIMEOUT_S is a usage error naming the address; a recorded address that does not
+    answer (a stopped head leaves it behind) is reported and a private cluster started instead.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if cfg.ray_address != "local":
-        try:
-            ray.init(address=cfg.ray_address or "auto", **kwargs)
+    address, source = _cluster_address(cfg)
+    if address is not None:
+        if _gcs_answers(address):
+            ray.init(address=address, **kwargs)
             return True
-        except ConnectionError:
-            if cfg.ray_address:
-                raise
+        if source in ("--ray-address", "RAY_ADDRESS"):
+            raise UsageError(f"no Ray cluster answers at {address} (from {source}) within "
+                             f"{GCS_PROBE_TIMEOUT_S:g} s; start it, or pass --ray-address local "
+                             "for a private one")
+        print(f"batch: the Ray cluster recorded in {source} ({address}) does not answer; "
+              "starting a private local Ray", file=out, flush=True)
     # Ray reads its auth mode from the environment when it starts: set it explicitly, first.
     os.environ["RAY_AUTH_MODE"] = cfg.ray_auth_mode
     repo_root = str(Path(__file__).resolve().parent.parent)
@@ -222,7 +279,7 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
         print(f"batch: all {len(paths)} files done before; nothing to do", file=out, flush=True)
         print(summary.table(), file=out, flush=True)
         return summary
-    started_here = _connect(cfg)
+    started_here = _connect(cfg, out=out)
     t0 = time.perf_counter()
     writer = JsonlWriter(jsonl) if jsonl else None
     saved_ctx = None
@@ -426,7 +483,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--threads-per-actor", type=int, help="torch threads per actor on CPU (default: CPUs / all actors)")
     p.add_argument("--retry-failed", action="store_true", help="process files an earlier run recorded as failed")
     p.add_argument("--ray-address", help="cluster to use; 'local' starts a private one (default: RAY_ADDRESS, "
-                                         "a running cluster, else a private one for this run)")
+                                         "the cluster `ray start` recorded on this machine if it answers "
+                                         "within 3 s, else a private one for this run)")
     p.add_argument("--ray-auth-mode", choices=("disabled", "token"), default="disabled",
                    help="RAY_AUTH_MODE of a private cluster started for the run")
     p.add_argument("--num-cpus", type=int, help="CPUs of a private cluster started for the run")

@@ -40,7 +40,9 @@ class _Item:
     """One window queued for a batch, tagged with the request it belongs to."""
 
     request_id: str
-    window: Any  # speech.asr.Window
+    window: Window
+    tag: str | None = None
+    """The caller's name for the request (its Serve request id), kept in the batch record."""
 
 
 @serve.deployment(
@@ -102,8 +104,8 @@ class ASRDeployment:
         log.info("asr batching configured", extra={"max_batch_size": size,
                                                    "batch_wait_timeout_s": wait})
 
-    async def transcribe_windows(self, windows: list[Window],
-                                 max_wait_s: float | None = None) -> list[WindowResult]:
+    async def transcribe_windows(self, windows: list[Window], max_wait_s: float | None = None,
+                                 tag: str | None = None) -> list[WindowResult]:
         """Decode windows (planned by the caller, `speech.pipeline`), each batched with whatever
         else is in flight here; results in the same order.
 
@@ -119,7 +121,7 @@ class ASRDeployment:
         self._waiting[request_id] = len(windows)
         self._set_queued(len(windows))
         try:
-            return list(await asyncio.gather(*(self._batched_windows(_Item(request_id, w))
+            return list(await asyncio.gather(*(self._batched_windows(_Item(request_id, w, tag))
                                                for w in windows)))
         finally:  # cancelled (caller gone, deadline): its windows left the queue unbatched
             self._set_queued(-self._waiting.pop(request_id, 0))
@@ -158,7 +160,8 @@ class ASRDeployment:
         if compute_s > 0:
             self._metrics.asr_real_time_factor.set(audio_s / compute_s)
         self._batches.append({"batch_size": len(items), "requests": requests,
-                              "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3)})
+                              "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3),
+                              "windows": [[item.tag, item.window.index] for item in items]})
         log.info("asr batch", extra={"batch_size": len(items), "requests": requests,
                                      "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3)})
         return results
@@ -176,7 +179,8 @@ class ASRDeployment:
                 "vad": engine.planner.vad_kind}
 
     def batch_stats(self) -> dict[str, Any]:
-        """Recent batches (size, distinct requests): the evidence that requests share batches."""
+        """Recent batches (size, distinct requests, which request's which windows): the evidence
+        that requests share batches, and of when a request's windows were decoded."""
         batches = list(self._batches)
         return {"batches": batches, **self._batching}
 

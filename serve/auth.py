@@ -1,4 +1,5 @@
-"""API-key authentication: `Authorization: Bearer sk-<key id>.<secret>` on every /v1 route.
+"""Who the caller is: API-key authentication (`Authorization: Bearer sk-<key id>.<secret>` on
+every /v1 route) and the client's address (`client_ip`, behind trusted proxies).
 
 Only an HMAC-SHA256 of the key (keyed with SECRET_KEY) is stored; the lookup is by the public key id
 and the hash comparison is constant time. Keys are never logged; failures leave an audit event.
@@ -11,6 +12,7 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,6 +27,58 @@ from serve.errors import ApiError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-"
+
+
+def _parse_ip(text: str) -> IPv4Address | IPv6Address | None:
+    """An address as proxies write it (`1.2.3.4`, `1.2.3.4:5678`, `[2001:db8::1]:443`,
+    `::ffff:1.2.3.4`), IPv4-mapped IPv6 as IPv4; None when it is not an address."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.split(":", 1)[0]
+    try:
+        addr = ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def client_ip(request: Request) -> str | None:
+    """The client's address, for rate limits, logs and audit: the peer's, unless the peer is a
+    trusted proxy (settings TRUSTED_PROXIES); then `X-Forwarded-For` is read from the right,
+    skipping trusted hops, and the first address that is not trusted is the client (nginx's
+    real_ip_recursive). Each proxy appends the address it saw, so that entry was written by a
+    trusted proxy; anything a client put into the header sits to its left and is never read.
+    From an untrusted peer the header is ignored. When every hop is trusted, the leftmost one
+    is the client; an entry that is not an address stops the walk at the last trusted hop."""
+    if request.client is None:
+        return None
+    peer = request.client.host
+    peer_addr = _parse_ip(peer)
+    trusted = get_settings().trusted_proxy_networks
+    if peer_addr is None or not trusted:
+        return str(peer_addr) if peer_addr is not None else peer
+
+    def is_trusted(addr: IPv4Address | IPv6Address) -> bool:
+        return any(addr in net for net in trusted)
+
+    if not is_trusted(peer_addr):
+        return str(peer_addr)
+    hops = ",".join(request.headers.getlist("x-forwarded-for")).split(",")
+    client = peer_addr
+    for hop in reversed(hops):
+        if not hop.strip():
+            continue
+        addr = _parse_ip(hop)
+        if addr is None:
+            break
+        client = addr
+        if not is_trusted(addr):
+            break
+    return str(client)
 
 
 def hash_key(key: str, secret_key: str | None = None) -> str:
@@ -77,7 +131,7 @@ def _unauthorized(message: str) -> ApiError:
 
 
 def _fail(session: Session, request: Request, reason: str, key_id: str | None) -> ApiError:
-    ip = request.client.host if request.client else None
+    ip = client_ip(request)
     with get_sessionmaker()() as audit_session:  # own transaction: the request's is rolled back
         repo.audit(session=audit_session, action="auth.failed", target=key_id, ip=ip, details={"reason": reason})
         audit_session.commit()

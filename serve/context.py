@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,10 +18,13 @@ from fastapi import Depends, Request, UploadFile
 
 from config.settings import get_settings
 from serve import job_records, metrics
-from serve.model_calls import ModelCalls, call_handle
+from serve.middleware import request_id
+from serve.model_calls import STREAM_WINDOWS_IN_FLIGHT, WINDOWS_IN_FLIGHT, ModelCalls, call_handle
 from serve.params import TranscriptionParams, check_model
-from serve.storage import release_upload, save_upload
+from serve.storage import StoredAudio, release_upload, save_upload
+from serve.streaming import transcript_events
 from speech.audio import AudioLimits
+from speech.pipeline import TranscriptionPipeline
 from speech.types import Transcript
 
 log = logging.getLogger("serve.context")
@@ -74,25 +78,67 @@ class Services:
     async def model_info(self) -> dict[str, Any]:
         return await self.models.model_info()
 
-    async def transcribe_upload(self, request: Request, upload: UploadFile,
-                                params: TranscriptionParams) -> Transcript:
-        """Check, store, transcribe (+ diarize), record; nothing is left behind on failure."""
+    async def _prepare(self, request: Request, upload: UploadFile, params: TranscriptionParams,
+                       windows_in_flight: int) -> tuple[TranscriptionPipeline, StoredAudio]:
+        """Check against the models, then store: a refused request stores nothing."""
         info = await self.models.model_info()
         check_model(params.model, info["id"])
-        pipeline = await self.models.pipeline(queue_timeout_s=self.config.queue_timeout_s)
-        pipeline.check(params.request)  # before a byte is stored
+        pipeline = await self.models.pipeline(queue_timeout_s=self.config.queue_timeout_s,
+                                              windows_in_flight=windows_in_flight,
+                                              tag=request_id(request.scope))
+        pipeline.check(params.request)
         stored = await save_upload(upload, max_bytes=self.config.max_upload_bytes,
                                    base_path=self.config.storage_base_path)
         metrics.UPLOAD_BYTES.inc(stored.size)
+        return pipeline, stored
+
+    async def _record(self, request: Request, upload: UploadFile, params: TranscriptionParams,
+                      stored: StoredAudio, transcript: Transcript) -> bool:
+        """Keep the finished request as a succeeded job; True when that job now holds the audio."""
+        return await asyncio.to_thread(
+            job_records.record_sync_request, request=request, stored=stored,
+            options=params.stored_options(), transcript=transcript, filename=upload.filename)
+
+    async def transcribe_upload(self, request: Request, upload: UploadFile,
+                                params: TranscriptionParams) -> Transcript:
+        """Check, store, transcribe (+ diarize), record; nothing is left behind on failure."""
+        pipeline, stored = await self._prepare(request, upload, params, WINDOWS_IN_FLIGHT)
         keep = False
         try:
             transcript = await pipeline.run(params.request, stored.path)
-            keep = await asyncio.to_thread(
-                job_records.record_sync_request, request=request, stored=stored,
-                options=params.stored_options(), transcript=transcript, filename=upload.filename)
+            keep = await self._record(request, upload, params, stored, transcript)
             return transcript
         finally:
             release_upload(stored, keep=keep, base_path=self.config.storage_base_path)
+
+    async def stream_upload(self, request: Request, upload: UploadFile,
+                            params: TranscriptionParams) -> AsyncIterator[str]:
+        """The same, as server-sent events (serve/streaming.py). What can be refused is refused
+        before the stream starts (a plain 4xx); the upload is released when the stream ends,
+        however it ends."""
+        pipeline, stored = await self._prepare(request, upload, params, STREAM_WINDOWS_IN_FLIGHT)
+        try:  # audio that does not decode is a 400 too, not an event
+            audio = await asyncio.to_thread(pipeline.load, stored.path)
+        except BaseException:
+            release_upload(stored, keep=False, base_path=self.config.storage_base_path)
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            keep = False
+
+            async def finished(transcript: Transcript) -> None:
+                nonlocal keep
+                keep = await self._record(request, upload, params, stored, transcript)
+
+            try:
+                async for event in transcript_events(
+                        lambda on_window: pipeline.run(params.request, audio, on_window=on_window),
+                        segments=params.response_format == "diarized_json", finished=finished):
+                    yield event
+            finally:
+                release_upload(stored, keep=keep, base_path=self.config.storage_base_path)
+
+        return events()
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Models loaded and storage writable; each check's outcome by name."""

@@ -30,7 +30,7 @@ from config.settings import get_settings
 from db import repository as repo
 from db.models import TERMINAL_STATUSES, Job, utcnow
 from db.session import get_sessionmaker
-from serve import webhooks
+from serve import job_events, webhooks
 from serve.storage import delete_audio
 from serve.errors import ApiError, OverloadedError, is_database_unavailable
 from speech.errors import SpeechError
@@ -50,6 +50,26 @@ class Transcribes(Protocol):
 
 PipelineFactory = Callable[[], Awaitable[Transcribes]]
 """Async: the pipeline to run a job with (Serve: built on the handles once the models answer)."""
+
+
+class _Progress:
+    """A job's fraction done, stepped once per finished window; each step is kept until the
+    heartbeat loop has written and published it."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.changed = asyncio.Event()
+        self._steps: list[float] = []
+
+    def step(self, value: float) -> None:
+        self.value = max(self.value, value)
+        self._steps.append(self.value)
+        self.changed.set()
+
+    def take(self) -> list[float]:
+        steps, self._steps = self._steps, []
+        self.changed.clear()
+        return steps
 
 
 WEBHOOK_STALE_S = 300.0
@@ -82,6 +102,7 @@ class JobRunner:
     ) -> None:
         s = get_settings()
         self.pipeline = pipeline
+        self.events = job_events.Publisher()
         self.owner = owner or default_owner()
         self.concurrency = concurrency
         self.lease_s = lease_s or s.JOB_LEASE_S
@@ -165,6 +186,7 @@ class JobRunner:
         attempt counted, as after a crash; a job on its last attempt ends failed)."""
         held = set(self._held)  # before cancelling: no job in it gets its result written after
         self._stop.set()
+        await self.events.close()
         for task in self._loops + list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
@@ -254,10 +276,11 @@ class JobRunner:
 
     async def _process(self, job: Job) -> None:
         log.info("job claimed", extra={"job_id": job.id, "attempt": job.attempts, "runner": self.owner})
-        progress: list[float] = [0.0]
+        await self.events.publish(job.id, {"status": "running", "progress": 0.0, "attempts": job.attempts})
+        progress = _Progress()
 
-        def on_window(done: WindowDone) -> None:  # written at the next heartbeat
-            progress[0] = (done.index + 1) / done.total
+        def on_window(done: WindowDone) -> None:  # written and published by the heartbeat loop
+            progress.step((done.index + 1) / done.total)
 
         request = TranscriptionRequest.from_dict(job.options or {})
         work = asyncio.ensure_future(self._transcribe(request, Path(job.audio_path or ""), on_window))
@@ -306,17 +329,23 @@ class JobRunner:
         return await self._db_retrying(repo.release_job, job_id=job.id, owner=self.owner,
                                        error=f"{type(exc).__name__}: {exc}"[:2000], retry=True)
 
-    async def _heartbeat(self, job: Job, work: asyncio.Future[Any], progress: list[float]) -> bool:
-        """Renew the lease every heartbeat until `work` is done; False when the lease was lost or
-        the job cancelled. A heartbeat the database cannot take (it is restarting) is skipped,
-        not fatal: the work goes on, and the lease is renewed at the next one that lands."""
+    async def _heartbeat(self, job: Job, work: asyncio.Future[Any], progress: _Progress) -> bool:
+        """Renew the lease every heartbeat, and at once when a window finished (progress is
+        written and published per window), until `work` is done; False when the lease was lost
+        or the job cancelled. A heartbeat the database cannot take (it is restarting) is
+        skipped, not fatal: the work goes on, and the lease is renewed at the next one that lands."""
         while True:
-            done, _ = await asyncio.wait({work}, timeout=self.heartbeat_s)
-            if done:
+            stepped = asyncio.ensure_future(progress.changed.wait())
+            done, _ = await asyncio.wait({work, stepped}, timeout=self.heartbeat_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            stepped.cancel()
+            steps = progress.take()
+            if work in done:
+                await self._publish_steps(job, steps)
                 return True
             try:
                 renewed = await self._db(repo.renew_lease, job_id=job.id, owner=self.owner,
-                                         lease_s=self.lease_s, progress=progress[0])
+                                         lease_s=self.lease_s, progress=progress.value)
             except Exception as exc:
                 if not is_database_unavailable(exc):
                     raise
@@ -326,11 +355,19 @@ class JobRunner:
             if not renewed:
                 log.info("job cancelled or lease lost; result discarded", extra={"job_id": job.id})
                 return False
+            await self._publish_steps(job, steps)
+
+    async def _publish_steps(self, job: Job, steps: list[float]) -> None:
+        for value in steps:
+            await self.events.publish(job.id, {"status": "running", "progress": value,
+                                               "attempts": job.attempts})
 
     async def _finish(self, job: Job, status: str | None) -> None:
         if status is None:
             log.info("job no longer ours; result discarded", extra={"job_id": job.id})
             return
+        await self.events.publish(job.id, {"status": status, "attempts": job.attempts,
+                                           **({"progress": 1.0} if status == "succeeded" else {})})
         log.info("job finished", extra={"job_id": job.id, "status": status, "attempt": job.attempts,
                                         "runner": self.owner})
         if status in TERMINAL_STATUSES:

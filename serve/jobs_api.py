@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from config.settings import get_settings
 from db import repository as repo
 from db.models import TERMINAL_STATUSES, Job, User
-from serve import webhooks
-from serve.auth import CurrentUser, SessionDep, require_admin
+from serve import job_events, webhooks
+from serve.auth import CurrentUser, SessionDep, client_ip, require_admin
 from serve.context import ServicesDep
 from serve.errors import ApiError, error_responses
 from serve.job_records import clean_filename, in_session
@@ -211,32 +211,90 @@ def get_transcript(
             responses={200: {"description": "An event stream",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                        **error_responses(404)})
-def job_events(job_id: str, request: Request, user: CurrentUser, session: SessionDep) -> StreamingResponse:
+def follow_job(job_id: str, request: Request, user: CurrentUser, session: SessionDep,
+               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+               ) -> StreamingResponse:
     _owned(session, job_id, user.id)  # 404 before the stream starts
-    return StreamingResponse(_event_stream(job_id, user.id, request), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(job_id, user.id, request, last_event_id),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _event_stream(job_id: str, user_id: int, request: Request) -> AsyncIterator[str]:
-    """Polls the database (the runner may be another process); one event per visible change."""
-    last: tuple[Any, ...] | None = None
-    quiet_s = 0.0
-    while True:
+def _event(job: dict[str, Any]) -> str:
+    state_id = job_events.event_id(job["status"], job["progress"], job["attempts"])
+    return f"id: {state_id}\nevent: {job['status']}\ndata: {json.dumps(job)}\n\n"
+
+
+async def _event_stream(job_id: str, user_id: int, request: Request,
+                        last_id: str | None) -> AsyncIterator[str]:
+    """One event per change of status, progress or attempts, each with its state as id; after a
+    reconnect (Last-Event-ID) only what came since. Changes are pushed through Redis when it is
+    configured (serve/job_events.py), else read from the database every SSE_POLL_S. The stream
+    ends itself before Serve's request timeout (JOB_EVENTS_MAX_S) and tells the client to
+    reconnect, so a long job is followed across reconnections, not cut off."""
+    settings = get_settings()
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + settings.JOB_EVENTS_MAX_S
+    snapshot: dict[str, Any] | None = None
+    sent_at = clock()
+
+    async def read() -> dict[str, Any] | None:
         job = await run_in_threadpool(in_session, repo.get_job, job_id=job_id, user_id=user_id)
-        if job is None:
-            yield f"event: deleted\ndata: {json.dumps({'id': job_id})}\n\n"
-            return
-        state = (job.status, round(job.progress, 3), job.attempts)
-        if state != last:
-            last, quiet_s = state, 0.0
-            yield f"event: {job.status}\ndata: {json.dumps(job_public(job))}\n\n"
-        if job.status in TERMINAL_STATUSES or await request.is_disconnected():
-            return
-        await asyncio.sleep(SSE_POLL_S)
-        quiet_s += SSE_POLL_S
-        if quiet_s >= SSE_KEEPALIVE_S:
-            quiet_s = 0.0
-            yield ": keep-alive\n\n"
+        return None if job is None else job_public(job)
+
+    def fresh(state: dict[str, Any]) -> bool:
+        nonlocal last_id
+        state_id = job_events.event_id(state["status"], state["progress"], state["attempts"])
+        if not job_events.is_after(state_id, last_id):
+            return False
+        last_id = state_id
+        return True
+
+    pushed = job_events.subscribe(job_id, settings.REDIS_URL)
+    try:
+        while True:
+            snapshot = await read()
+            if snapshot is None:
+                yield f"event: deleted\ndata: {json.dumps({'id': job_id})}\n\n"
+                return
+            if fresh(snapshot):
+                sent_at = clock()
+                yield _event(snapshot)
+            if snapshot["status"] in TERMINAL_STATUSES or await request.is_disconnected():
+                return
+            if clock() >= deadline:
+                yield "retry: 1000\n\n"  # reconnect with Last-Event-ID to go on
+                return
+            pushed_events = await _next_push(pushed, snapshot, fresh)
+            if pushed_events is None:  # no Redis: poll
+                await asyncio.sleep(SSE_POLL_S)
+            for event in pushed_events or []:
+                sent_at = clock()
+                yield event
+            if clock() - sent_at >= SSE_KEEPALIVE_S:
+                sent_at = clock()
+                yield ": keep-alive\n\n"
+    finally:
+        await pushed.aclose()
+
+
+async def _next_push(pushed: AsyncIterator[dict[str, Any] | None], snapshot: dict[str, Any],
+                     fresh: Any) -> list[str] | None:
+    """The events of the next message pushed for the job (running steps straight from the
+    message, so every step is seen even when they come faster than a database read); [] when
+    none came for a while; None without Redis. A final state is left to the database read, which
+    has all of its fields."""
+    try:
+        message = await anext(pushed)
+    except StopAsyncIteration:
+        return None
+    except Exception as exc:  # noqa: BLE001 - Redis failed under the stream: poll instead
+        log.warning("job events: Redis subscription lost; polling", extra={"error": type(exc).__name__})
+        return None
+    if not message or message.get("status") != "running":
+        return []
+    state = {**snapshot, **message}
+    return [_event(state)] if fresh(state) else []
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a queued or running job",
@@ -255,7 +313,7 @@ def delete_job(job_id: str, request: Request, user: CurrentUser, session: Sessio
     job = _owned(session, job_id, user.id)
     orphan = repo.delete_job(session=session, job=job)
     repo.audit(session=session, action="job.deleted", user_id=user.id, target=job_id,
-               ip=request.client.host if request.client else None)
+               ip=client_ip(request))
     session.commit()
     if orphan:
         delete_audio(orphan)
@@ -285,5 +343,5 @@ def revoke_key(key_id: str, request: Request, admin: AdminUser, session: Session
     if key is None:
         raise ApiError(404, f"No API key with id '{key_id}'.", param="key_id", code="key_not_found")
     repo.audit(session=session, action="key.revoked", user_id=key.user_id, target=key.id,
-               ip=request.client.host if request.client else None, details={"by": admin.id})
+               ip=client_ip(request), details={"by": admin.id})
     return {"id": key.id, "object": "api_key", "revoked": True, "revoked_at": _ts(key.revoked_at)}

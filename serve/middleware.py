@@ -101,7 +101,7 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _request_id(scope: Scope) -> str | None:
+def request_id(scope: Scope) -> str | None:
     """Serve's id of the request (the `x-request-id` it answers with), when behind Serve."""
     try:
         from ray.serve.context import _get_serve_request_context
@@ -146,5 +146,5 @@ class HttpMetricsMiddleware:
             user = (scope.get("state") or {}).get("user")
             access_log.info("access", extra={
                 "method": method, "route": template, "status": status,
-                "duration_s": round(duration_s, 4), "request_id": _request_id(scope),
+                "duration_s": round(duration_s, 4), "request_id": request_id(scope),
                 "user_id": getattr(user, "id", None)})

@@ -33,6 +33,9 @@ REPLICA_LOSS_RETRY_AFTER_S = 5.0
 WINDOWS_IN_FLIGHT = 16
 """Window calls one recording keeps in flight: the replica batches them with other requests'
 windows; more would only queue there, and count against its max_queued_requests."""
+STREAM_WINDOWS_IN_FLIGHT = 2
+"""For a streamed request: its windows go in order, two at a time, so the first text is final
+(and sent) after about one batch instead of after the whole file."""
 
 
 async def call_handle(call: Callable[[], Awaitable[Any]], *, retry_after_s: float = 1.0,
@@ -91,21 +94,23 @@ class HandleAsr:
     so each window is batched with whatever else the replica has, and finishes on its own."""
 
     batch_size = 1
-    max_in_flight = WINDOWS_IN_FLIGHT
 
     def __init__(self, handle: Any, *, retry_after_s: float = 1.0,
-                 queue_timeout_s: float | None = None) -> None:
+                 queue_timeout_s: float | None = None, max_in_flight: int = WINDOWS_IN_FLIGHT,
+                 tag: str | None = None) -> None:
         self.handle = handle
         self.retry_after_s = retry_after_s
         self.queue_timeout_s = queue_timeout_s
+        self.max_in_flight = max_in_flight
+        self.tag = tag
+        """Names the request's windows in the replica's batch record."""
 
     async def transcribe_windows(self, windows: list[Window]) -> list[WindowResult]:
         # With a queue timeout (synchronous requests) the replica also refuses at once when the
         # windows already waiting there would take longer than that.
-        args = () if self.queue_timeout_s is None else (self.queue_timeout_s,)
-        return await call_handle(lambda: self.handle.transcribe_windows.remote(windows, *args),
-                                 retry_after_s=self.retry_after_s,
-                                 queue_timeout_s=self.queue_timeout_s)
+        return await call_handle(
+            lambda: self.handle.transcribe_windows.remote(windows, self.queue_timeout_s, self.tag),
+            retry_after_s=self.retry_after_s, queue_timeout_s=self.queue_timeout_s)
 
 
 class HandleDiarizer:
@@ -163,13 +168,17 @@ class ModelCalls:
                             languages=tuple(info["languages"]), diarization=available,
                             diarization_reason=reason, device=info["device"], vad=info["vad"])
 
-    async def pipeline(self, *, queue_timeout_s: float | None = None) -> TranscriptionPipeline:
+    async def pipeline(self, *, queue_timeout_s: float | None = None,
+                       windows_in_flight: int = WINDOWS_IN_FLIGHT,
+                       tag: str | None = None) -> TranscriptionPipeline:
         """The one sequence on these handles. `queue_timeout_s` (synchronous requests): shed a
-        call that no replica takes in time instead of holding the caller."""
+        call that no replica takes in time instead of holding the caller. `windows_in_flight`:
+        fewer for a streamed request, so its first windows finish (and are sent) first."""
         caps = await self.capabilities()
         if self._planner is None or self._planner.vad_kind != caps.vad:
             self._planner = WindowPlanner(caps.vad)  # the VAD the ASR engine would plan with
         opts = {"retry_after_s": self.retry_after_s, "queue_timeout_s": queue_timeout_s}
         diarizer = HandleDiarizer(self.diarizer, **opts) if self.diarizer is not None else None
-        return TranscriptionPipeline(HandleAsr(self.asr, **opts), caps, diarizer=diarizer,
+        asr = HandleAsr(self.asr, **opts, max_in_flight=windows_in_flight, tag=tag)
+        return TranscriptionPipeline(asr, caps, diarizer=diarizer,
                                      limits=self.limits, planner=self._planner)

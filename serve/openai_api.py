@@ -11,8 +11,9 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serve import streaming
 from serve.context import ServicesDep
 from serve.errors import error_responses
 from serve.params import MODEL_ALIASES, TranscriptionParams, parse_params
@@ -78,6 +79,10 @@ async def create_transcription(
                           timestamp_granularities=timestamp_granularities, stream=stream,
                           diarize=diarize, num_speakers=num_speakers,
                           min_speakers=min_speakers, max_speakers=max_speakers)
+    if params.stream:
+        events = await services.stream_upload(request, file, params)
+        return StreamingResponse(events, media_type=streaming.MEDIA_TYPE,
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     transcript = await services.transcribe_upload(request, file, params)
     return render_response(transcript, params)
 

@@ -18,6 +18,8 @@ from speech.types import TranscribeOptions
 
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 GRANULARITIES = ("word", "segment")
+STREAM_FORMATS = ("json", "text", "diarized_json")
+"""What OpenAI streams: text deltas and the whole text, plus speaker segments for diarized_json."""
 MODEL_ALIASES = ("whisper-1",)
 """Names OpenAI clients send by default; they mean "the loaded Whisper model"."""
 
@@ -30,6 +32,8 @@ class TranscriptionParams:
     request: TranscriptionRequest
     response_format: str = "json"
     timestamp_granularities: tuple[str, ...] = ()
+    stream: bool = False
+    """Server-sent events: text per window as it is final, then the whole (serve/streaming.py)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def stored_options(self) -> dict[str, Any]:
@@ -90,8 +94,10 @@ def parse_params(*, task: str | None, model: str | None, language: str | None = 
     if grans and fmt != "verbose_json":
         raise InvalidOptionError("timestamp_granularities",
                                  "timestamp_granularities needs response_format=verbose_json.")
-    if _bool("stream", stream):
-        raise InvalidOptionError("stream", "Streaming transcription is not supported.")
+    streaming = _bool("stream", stream)
+    if streaming and fmt not in STREAM_FORMATS:
+        raise InvalidOptionError("stream", f"stream=true answers with events for "
+                                 f"{', '.join(STREAM_FORMATS)}; got response_format={fmt!r}.")
     lang = (language or "").strip().lower() or None
     if lang is not None and not (lang.isalpha() and 2 <= len(lang) <= 3):
         raise InvalidOptionError("language", f"language must be an ISO-639-1 code such as 'en', "
@@ -107,7 +113,7 @@ def parse_params(*, task: str | None, model: str | None, language: str | None = 
                                    speakers=hints)
     check_request(request)
     return TranscriptionParams(model=model.strip(), request=request, response_format=fmt,
-                               timestamp_granularities=grans)
+                               timestamp_granularities=grans, stream=streaming)
 
 
 def check_model(requested: str, loaded: str) -> None:

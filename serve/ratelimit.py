@@ -1,8 +1,15 @@
 """Rate limits: N requests per client IP and per API key in any 60 s window (sliding log).
 
-Redis holds the counters when REDIS_URL is set, so every ingress replica shares them; without it,
-or while Redis is unreachable, each process counts for itself (logged once, and `status()` says
-"degraded" for readiness) and goes back to Redis by itself when it answers again.
+`rate_limit` (the dependency of every /v1 route) counts the client IP first (`serve.auth.client_ip`:
+the peer, or behind TRUSTED_PROXIES the forwarded client), before the key is looked at, so floods
+of bad keys are limited by address; then it authenticates, and only a key that authenticated is
+counted, by its key id: random bearer tokens create no per-key counters.
+
+Redis holds the counters when REDIS_URL is set, so every ingress replica shares them (each counter
+expires one window after its last counted request); without it, or while Redis is unreachable,
+each process counts for itself (logged once, and `status()` says "degraded" for readiness) and
+goes back to Redis by itself when it answers again. The in-process counters forget a key once its
+window has passed and track at most `LOCAL_MAX_KEYS`, dropping the least recently counted first.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
-from typing import Any
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from config.settings import get_settings
-from serve.auth import hash_key
+from serve.auth import Principal, client_ip, current_principal, hash_key
 from serve.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,9 @@ log = logging.getLogger(__name__)
 WINDOW_S = 60.0
 REDIS_RETRY_S = 5.0
 """While Redis is down, try it again at most this often."""
+LOCAL_MAX_KEYS = 20_000
+"""Backstop on the in-process counters (each up to `limit` timestamps): past it the key counted
+least recently is forgotten. Keys whose window has passed are forgotten anyway."""
 
 _SLIDING_LOG = """
 local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -43,23 +54,51 @@ return tostring(tonumber(oldest[2]) + window - now)
 
 
 class LocalLimiter:
-    """In-process sliding log; exact within one process."""
+    """In-process sliding log; exact within one process, bounded in memory.
 
-    def __init__(self) -> None:
-        self._hits: dict[str, deque[float]] = {}
+    A key is forgotten once its last counted request is a window old (it would allow a full
+    `limit` again anyway), and at most `max_keys` are tracked: a new key past that forgets the
+    key counted least recently. `clock` is for tests."""
+
+    def __init__(self, max_keys: int = LOCAL_MAX_KEYS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_keys = max_keys
+        self._clock = clock
+        # key -> (time the key may be forgotten, its hits); least recently counted first
+        self._hits: OrderedDict[str, tuple[float, deque[float]]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _forget_expired(self, now: float) -> None:
+        while self._hits:
+            key, (expires, _) = next(iter(self._hits.items()))
+            if expires > now:
+                # Ordered by last count, so with one window for all keys none after it is
+                # expired either; with mixed windows a later one waits for the next sweep.
+                return
+            del self._hits[key]
 
     def hit(self, key: str, limit: int, window_s: float = WINDOW_S) -> float | None:
         """Count one request; None if allowed, else seconds until one is allowed again."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
-            hits = self._hits.setdefault(key, deque())
+            self._forget_expired(now)
+            entry = self._hits.get(key)
+            hits = entry[1] if entry is not None else deque()
             while hits and hits[0] <= now - window_s:
                 hits.popleft()
-            if len(hits) < limit:
-                hits.append(now)
-                return None
-            return hits[0] + window_s - now
+            if len(hits) >= limit:
+                return hits[0] + window_s - now
+            hits.append(now)
+            self._hits[key] = (now + window_s, hits)
+            self._hits.move_to_end(key)
+            while len(self._hits) > self.max_keys:
+                self._hits.popitem(last=False)
+            return None
+
+    def tracked(self) -> int:
+        """How many keys are held now (after forgetting the expired ones)."""
+        with self._lock:
+            self._forget_expired(self._clock())
+            return len(self._hits)
 
 
 class RateLimiter:
@@ -112,16 +151,18 @@ class RateLimiter:
                 return None if retry < 0 else retry
         return self.local.hit(key, limit, self.window_s)
 
-    async def check(self, *, ip: str | None, api_key: str | None) -> float | None:
-        """Count one request; None if allowed, else seconds to wait (for Retry-After)."""
-        if self.per_ip and ip:
-            retry = await self._hit(f"ip:{ip}", self.per_ip)
-            if retry is not None:
-                return retry
-        if self.per_key and api_key:
-            # The key itself never reaches Redis: only its keyed hash.
-            return await self._hit(f"key:{hash_key(api_key)[:32]}", self.per_key)
-        return None
+    async def check_ip(self, ip: str | None) -> float | None:
+        """Count one request of client address `ip`; None if allowed, else seconds to wait."""
+        if not (self.per_ip and ip):
+            return None
+        return await self._hit(f"ip:{ip}", self.per_ip)
+
+    async def check_key(self, key_id: str) -> float | None:
+        """Count one request of the authenticated key `key_id`; None if allowed, else seconds
+        to wait. Only a keyed hash of the key id reaches Redis."""
+        if not self.per_key:
+            return None
+        return await self._hit(f"key:{hash_key(key_id)[:32]}", self.per_key)
 
 
 _limiter: RateLimiter | None = None
@@ -146,16 +187,30 @@ def status() -> dict[str, Any]:
     return get_limiter().status()
 
 
-async def rate_limit(request: Request) -> None:
-    """FastAPI dependency: 429 with Retry-After once the caller's IP or key is over its limit."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    api_key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    ip = request.client.host if request.client else None
-    retry = await get_limiter().check(ip=ip, api_key=api_key)
+def _limited(retry: float | None) -> None:
     if retry is not None:
         raise ApiError(
             429, "Rate limit reached; retry after the time in the Retry-After header.",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(max(1, math.ceil(retry)))},
         )
+
+
+async def limit_client_ip(request: Request) -> None:
+    """FastAPI dependency: 429 with Retry-After once the client's address is over its limit.
+    Needs no key, so it runs before authentication."""
+    _limited(await get_limiter().check_ip(client_ip(request)))
+
+
+async def rate_limit(
+    _ip_counted: Annotated[None, Depends(limit_client_ip)],
+    principal: Annotated[Principal, Depends(current_principal)],
+) -> None:
+    """FastAPI dependency of every /v1 route: the client IP's limit, then authentication (401),
+    then the authenticated key's limit; 429 with Retry-After over either.
+
+    FastAPI resolves the parameters in order, so the address is counted before the key is
+    looked at, and the per-key counter is only ever one of a key that authenticated. The
+    principal is the request's one (`current_user` reuses it: dependencies are cached per
+    request), so authentication runs once."""
+    _limited(await get_limiter().check_key(principal.key_id))

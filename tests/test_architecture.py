@@ -77,3 +77,17 @@ def test_entry_points_validate_through_speech() -> None:
     for module in ("serve/jobs_api.py", "serve/job_runner.py", "pipelines/batch_transcribe.py"):
         text = (REPO / module).read_text()
         assert "LANGUAGE_NAMES" not in text and "MAX_SPEAKERS" not in text, module
+
+
+def test_product_code_ships_no_fake_engine() -> None:
+    """Issue 13 bug 8: `--engine noop` marked real jobs succeeded with empty transcripts. Fakes
+    live in tests (tests/fakes.py); the runner has no switch to pick one."""
+    from serve.job_runner import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--engine", "noop"])
+    assert refused.value.code == 2
+    for package in PRODUCT:
+        for path in (REPO / package).rglob("*.py"):
+            text = path.read_text().lower()
+            assert "noop" not in text and "fake engine" not in text, path

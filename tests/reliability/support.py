@@ -352,6 +352,12 @@ KEY_LIMIT_PER_MINUTE = 600
 STORAGE_QUOTA_BYTES = 1024 ** 3
 """Far above what the suite stores; test_storage_quota pushes storage past it with a sparse file."""
 UPLOAD_STALL_TIMEOUT_S = 10.0
+TRUSTED_PROXY = "127.0.0.2"
+"""The stack's TRUSTED_PROXIES: a test connecting from this loopback address is a reverse proxy
+(every other test connects from 127.0.0.1, which the service does not trust)."""
+IP_LIMIT_PER_MINUTE = 1_000_000
+"""On, so each client address has its counter in Redis (which the proxy tests read), and far
+above what the suite sends from one address."""
 
 
 @dataclass
@@ -452,7 +458,8 @@ def running_stack(work: Path, model_cache_dir: Path, ledger: Ledger) -> Iterator
             "MODEL_CACHE_DIR": str(model_cache_dir),
             "AUDIO_MAX_FILE_SIZE": str(MAX_UPLOAD_BYTES),
             "AUDIO_MAX_DURATION_S": str(MAX_DURATION_S),
-            "RATE_LIMIT_PER_MINUTE": "0",
+            "RATE_LIMIT_PER_MINUTE": str(IP_LIMIT_PER_MINUTE),
+            "TRUSTED_PROXIES": f"{TRUSTED_PROXY}/32",
             "RATE_LIMIT_KEY_PER_MINUTE": str(KEY_LIMIT_PER_MINUTE),
             "JOB_RUNNER_CONCURRENCY": "2",
             "JOB_LEASE_S": "10",

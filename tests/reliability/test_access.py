@@ -9,24 +9,38 @@ another user's jobs, admin-only routes, the per-key rate limit, and webhooks aim
 - Admin routes are a 403 for ordinary keys.
 - 601 requests from one key within a minute: the 601st is a 429 with Retry-After; other keys
   are not affected.
+- Client addresses (the stack trusts a proxy on 127.0.0.2, TRUSTED_PROXIES): an X-Forwarded-For
+  from an untrusted peer is ignored, and two clients behind the trusted proxy are counted in
+  separate per-IP buckets (the service's counters in Redis, and its audit events, say so).
 - A job whose callback_url resolves to an internal address is a 400 naming callback_url (the stack
   runs with WEBHOOK_ALLOW_INTERNAL=false), and nothing is stored.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.reliability.inputs import JOBS, TRANSCRIBE, Snapshot, delete_job, post_form, wait_for_job
-from tests.reliability.support import JFK, KEY_LIMIT_PER_MINUTE, ROOT, Stack, Caller, user_keys
+from tests.reliability.support import (
+    JFK,
+    KEY_LIMIT_PER_MINUTE,
+    ROOT,
+    TRUSTED_PROXY,
+    Caller,
+    Stack,
+    user_keys,
+)
 
 ROUTES = [  # every /v1 route, with a harmless body where one is needed
     ("GET", "/v1/models"),
@@ -208,6 +222,76 @@ def test_601_requests_from_one_key_in_a_minute_end_in_429_with_retry_after(stack
     _assert_error(last, 429, "rate_limit_exceeded")
     assert 1 <= int(last.headers["Retry-After"]) <= 60, last.headers
     assert neighbour.status_code == 200, neighbour.text
+
+
+# --------------------------------------------------------------------------- client addresses
+UNTRUSTED_PEER = "127.0.0.3"
+"""A loopback address no test but these connects from; not in the stack's TRUSTED_PROXIES."""
+
+
+def _documentation_v6() -> str:
+    """A random address of 2001:db8::/32 (documentation), in canonical form."""
+    net = ipaddress.IPv6Network("2001:db8::/32")
+    return str(net[uuid.uuid4().int % net.num_addresses])
+
+
+def _from(stack: Stack, local_address: str, forwarded_for: str | None, key: str) -> int:
+    """GET /v1/models connecting from `local_address`, with an X-Forwarded-For if given."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    with httpx.Client(timeout=30, transport=httpx.HTTPTransport(local_address=local_address)) as client:
+        status = client.get(stack.url("/v1/models"), headers=headers).status_code
+    stack.ledger.request(status)
+    return status
+
+
+def _unknown_key() -> tuple[str, str]:
+    key_id = f"key_{uuid.uuid4().hex[:16]}"
+    return key_id, f"sk-{key_id}.not-a-real-secret"
+
+
+def _ip_counter(stack: Stack, address: str) -> int:
+    """Requests counted against `address` in the last minute, in the service's Redis."""
+    return redis.Redis.from_url(stack.redis.url).zcard(f"ratelimit:ip:{address}")
+
+
+def _failed_auth_ips(stack: Stack, key_ids: list[str]) -> list[str | None]:
+    from db import repository as repo
+    from db.session import session_scope
+
+    with session_scope(stack.db_url) as session:
+        events = repo.list_audit_events(session=session, action="auth.failed")
+        by_key = {e.target: e.ip for e in events if e.target in key_ids}
+    return [by_key.get(k) for k in key_ids]
+
+
+def test_a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(stack: Stack) -> None:
+    before = _ip_counter(stack, UNTRUSTED_PEER)
+    spoofed = [_documentation_v6() for _ in range(3)] + [TRUSTED_PROXY]
+    keys = [_unknown_key() for _ in spoofed]
+    statuses = [_from(stack, UNTRUSTED_PEER, fake, key) for fake, (_, key) in zip(spoofed, keys)]
+    assert statuses == [401] * len(spoofed)
+    assert _ip_counter(stack, UNTRUSTED_PEER) - before == len(spoofed), "counted against the peer"
+    assert not any(_ip_counter(stack, fake) for fake in spoofed[:-1])
+    assert _failed_auth_ips(stack, [k for k, _ in keys]) == [UNTRUSTED_PEER] * len(spoofed)
+
+
+def test_two_clients_behind_one_trusted_proxy_get_separate_buckets(stack: Stack) -> None:
+    alice_ip, bob_ip, spoof = _documentation_v6(), _documentation_v6(), _documentation_v6()
+    before_proxy = _ip_counter(stack, TRUSTED_PROXY)
+    alice_keys = [_unknown_key() for _ in range(2)]
+    bob_keys = [_unknown_key() for _ in range(3)]
+    statuses = [_from(stack, TRUSTED_PROXY, alice_ip, key) for _, key in alice_keys]
+    # Bob's own X-Forwarded-For stays on the left of the address the proxy appends: still Bob.
+    statuses += [_from(stack, TRUSTED_PROXY, f"{spoof}, {bob_ip}", key) for _, key in bob_keys]
+    assert statuses == [401] * 5
+    # A client that authenticates is counted by its address as well (and per key).
+    assert _from(stack, TRUSTED_PROXY, alice_ip, stack.alice.key) == 200
+    assert (_ip_counter(stack, alice_ip), _ip_counter(stack, bob_ip)) == (3, 3)
+    assert _ip_counter(stack, spoof) == 0
+    assert _ip_counter(stack, TRUSTED_PROXY) == before_proxy, "the proxy's own bucket took their requests"
+    assert _failed_auth_ips(stack, [k for k, _ in alice_keys + bob_keys]) == [alice_ip] * 2 + [bob_ip] * 3
 
 
 # --------------------------------------------------------------------------- webhooks

@@ -135,9 +135,11 @@ def test_cancel_then_events_report_the_final_state(client: TestClient) -> None:
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=alice.headers) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         body = "".join(stream.iter_text())
-    events = [block for block in body.split("\n\n") if block.startswith("event:")]
-    assert len(events) == 1 and events[0].startswith("event: cancelled")
-    assert json.loads(events[0].split("data: ", 1)[1])["id"] == job_id
+    events = [dict(line.split(": ", 1) for line in block.splitlines())
+              for block in body.split("\n\n") if "event: " in block]
+    assert len(events) == 1 and events[0]["event"] == "cancelled", body
+    assert json.loads(events[0]["data"])["id"] == job_id
+    assert events[0]["id"].split(".")[1] == "2"  # the id is the state: a final one
     transcript = client.get(f"/v1/jobs/{job_id}/transcript", headers=alice.headers)
     assert transcript.status_code == 409 and transcript.json()["error"]["code"] == "job_not_finished"
 
