@@ -1,14 +1,20 @@
-"""Load on the HTTP service: N concurrent clients sending short real clips for a fixed time.
+"""Does the service keep the model busy? Service under load against the engine's own ceiling.
 
-Prints, per concurrency level, requests/s, audio-seconds/s, p50/p95/p99 latency and errors,
-next to the engine alone transcribing the same clips one at a time in this process; then the
-p50 latency of the 11 s JFK clip at one client. Ends with one line:
+In one run, on the same clips and the same CPU budget (the ASR replica's torch threads and batch
+size, from serve_config.yaml):
+- the engine alone given all clips in one call (its batched throughput: the ceiling),
+- the engine alone one clip at a time,
+- the service at 1/4/16/64 concurrent clients (bench/loadgen.py), with the mean batch the ASR
+  replica formed at each level (from its own batch record),
+- the p50 latency of the 11 s JFK clip at one client.
+Each is repeated (--repeats, default 3) and the median reported, with the load average. Ends with
 
-    RESULT clients=16 speedup_vs_sequential=<f> p50_s_1client=<f> errors_non503=<n>
+    RESULT service16_over_engine_batched=<f> mean_batch16=<f> speedup16_vs_1client=<f> p50_1client_s=<f> errors_non503=<n>
 
 Without --url it starts the service itself (private local Ray, RAY_AUTH_MODE=disabled, the CPU
 profile of serve_config.yaml on a free port, a throwaway storage/SQLite database with its own
-API key, rate limits off so the load is not refused by them) and stops it at the end.
+API key, rate limits off so the load is not refused by them) and stops it at the end; only
+then is the batch record readable.
 
     .venv/bin/python bench/serve_load.py [--url http://127.0.0.1:8000 --api-key sk-...] [--seconds 20]
 """
@@ -19,6 +25,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import sys
 import time
@@ -36,6 +43,7 @@ from bench.loadgen import JFK, SHORT_CLIPS, Level, durations  # noqa: E402
 from bench.loadgen import drive as _drive  # noqa: E402
 
 HEADERS: dict[str, str] = {}
+APP_NAME = "speech"
 
 
 def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
@@ -43,35 +51,50 @@ def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[P
     return _drive(url, clients, seconds, clips, dur, headers=dict(HEADERS))
 
 
-def engine_alone(seconds: float, clips: list[Path], dur: dict[Path, float]) -> Level:
-    """The same clips through the engine in this process, one at a time, no HTTP, no Ray."""
+def _replica_budget() -> tuple[int, int]:
+    """(torch threads, max batch size) of the ASR replica in serve_config.yaml."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    asr = next(d for d in config["applications"][0]["deployments"] if d["name"] == "ASRDeployment")
+    threads = max(1, int(asr["ray_actor_options"]["num_cpus"]))  # Ray sets OMP threads so
+    return threads, int((asr.get("user_config") or {}).get("max_batch_size", 8))
+
+
+def _engine():  # noqa: ANN202 - a loaded WhisperEngine on the replica's budget
+    import torch
+
     from config.settings import get_settings
     from speech.asr import WhisperEngine
+
+    threads, batch = _replica_budget()
+    torch.set_num_threads(threads)
+    settings = get_settings()
+    engine = WhisperEngine(settings.WHISPER_MODEL_PATH, "cpu", settings.MODEL_CACHE_DIR,
+                           max_batch_size=batch)
+    engine.load()
+    return engine
+
+
+def engine_alone(engine, seconds: float, clips: list[Path], dur: dict[Path, float], *,  # noqa: ANN001
+                 batched: bool) -> Level:
+    """The same clips through the engine in this process, no HTTP, no Ray: one clip a call, or
+    every clip in one call (their windows batched, as the replica would at best)."""
     from speech.audio import decode_audio
     from speech.types import TranscribeOptions
 
-    import torch
-
-    settings = get_settings()
-    # The same torch thread count as the ASR replica (Ray sets OMP_NUM_THREADS = its num_cpus).
-    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    asr = next(d for d in config["applications"][0]["deployments"] if d["name"] == "ASRDeployment")
-    torch.set_num_threads(max(1, int(asr["ray_actor_options"]["num_cpus"])))
-    engine = WhisperEngine(settings.WHISPER_MODEL_PATH, "cpu", settings.MODEL_CACHE_DIR)
-    engine.load()
     audio = {p: decode_audio(p) for p in clips}
     engine.transcribe([audio[clips[0]]], TranscribeOptions())  # warm-up
-    level = Level(1)
+    level = Level(len(clips) if batched else 1)
     start = time.monotonic()
     i = 0
     while time.monotonic() - start < seconds:
-        path = clips[i % len(clips)]
+        group = clips if batched else [clips[i % len(clips)]]
         i += 1
         t0 = time.monotonic()
-        engine.transcribe([audio[path]], TranscribeOptions())
-        level.latencies.append(time.monotonic() - t0)
-        level.audio_s += dur[path]
-        level.statuses[200] += 1
+        engine.transcribe([audio[p] for p in group], TranscribeOptions())
+        for p in group:
+            level.latencies.append(time.monotonic() - t0)
+            level.audio_s += dur[p]
+            level.statuses[200] += 1
     level.seconds = time.monotonic() - start
     return level
 
@@ -102,7 +125,7 @@ def local_service() -> Iterator[str]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_config = config["applications"][0]
-        serve.run(build_from_config(app_config), name=app_config["name"], route_prefix="/")
+        serve.run(build_from_config(app_config), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         try:
@@ -112,23 +135,71 @@ def local_service() -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(url: str, seconds: float, levels: list[int], alone: Level, dur: dict[Path, float]) -> None:
+def _rate(level: Level) -> float:
+    return level.audio_s / level.elapsed if level.elapsed else float("nan")
+
+
+def _batch_record() -> list[dict] | None:
+    """The ASR replica's recent batches, when this process runs the service."""
+    try:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("ASRDeployment", APP_NAME)
+        return handle.batch_stats.remote().result()["batches"]
+    except Exception:  # noqa: BLE001 - a service elsewhere (--url): no record
+        return None
+
+
+def _mean_batch(before: list[dict] | None, after: list[dict] | None) -> float:
+    if before is None or after is None:
+        return float("nan")
+    new = after[len(before):] if len(after) > len(before) else after[-1:]
+    return statistics.fmean(b["batch_size"] for b in new) if new else float("nan")
+
+
+def run(url: str, seconds: float, levels: list[int], repeats: int, dur: dict[Path, float],
+        engine) -> None:  # noqa: ANN001
     print(f"clips: {len(SHORT_CLIPS)} real recordings of {min(dur.values()):.1f}-"
-          f"{max(dur.values()):.1f} s; {seconds:g} s per level", flush=True)
+          f"{max(dur.values()):.1f} s; {seconds:g} s per level, {repeats} repeats; "
+          f"replica budget: {_replica_budget()[0]} torch thread(s), batch {_replica_budget()[1]}",
+          flush=True)
     drive(url, 2, 5, SHORT_CLIPS, dur)  # warm-up, not counted
-    results = {}
-    for n in levels:
-        results[n] = drive(url, n, seconds, SHORT_CLIPS, dur)
-        print(results[n].line(f"{n} clients"), flush=True)
-    jfk = drive(url, 1, max(10.0, seconds / 2), [JFK], dur)
-    print(jfk.line("JFK 11 s x1"), flush=True)
-    print(alone.line("engine alone"), flush=True)
-    ref = 16 if 16 in results else max(results)
-    speedup = (results[ref].audio_s / results[ref].elapsed) / (alone.audio_s / alone.elapsed)
-    errors = sum(v for lv in [*results.values(), jfk] for k, v in lv.statuses.items()
-                 if k not in (200, 503))
-    print(f"RESULT clients={ref} speedup_vs_sequential={speedup:.2f} "
-          f"p50_s_1client={jfk.pct(0.5):.2f} errors_non503={errors}", flush=True)
+    rates: dict[str, list[float]] = {}
+    batches: dict[int, list[float]] = {n: [] for n in levels}
+    p50s: list[float] = []
+    errors = 0
+    for r in range(repeats):
+        # The engine runs with the service idle (its replicas wait), so both see the same cores.
+        batched = engine_alone(engine, seconds, SHORT_CLIPS, dur, batched=True)
+        single = engine_alone(engine, seconds, SHORT_CLIPS, dur, batched=False)
+        rates.setdefault("engine batched", []).append(_rate(batched))
+        rates.setdefault("engine 1 by 1", []).append(_rate(single))
+        print(batched.line(f"[{r + 1}] engine all"), flush=True)
+        print(single.line(f"[{r + 1}] engine 1x1"), flush=True)
+        for n in levels:
+            before = _batch_record()
+            level = drive(url, n, seconds, SHORT_CLIPS, dur)
+            batches[n].append(_mean_batch(before, _batch_record()))
+            rates.setdefault(f"{n} clients", []).append(_rate(level))
+            errors += sum(v for k, v in level.statuses.items() if k not in (200, 503))
+            print(level.line(f"[{r + 1}] {n} clients") + f"  mean batch {batches[n][-1]:.1f}", flush=True)
+        jfk = drive(url, 1, max(10.0, seconds / 2), [JFK], dur)
+        errors += sum(v for k, v in jfk.statuses.items() if k not in (200, 503))
+        p50s.append(jfk.pct(0.5))
+        print(jfk.line(f"[{r + 1}] JFK x1"), flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print("\nmedians (audio-seconds per second):", flush=True)
+    for name, value in med.items():
+        n = int(name.split()[0]) if name.endswith("clients") else None
+        extra = f"   mean batch {statistics.median(batches[n]):.1f}" if n else ""
+        print(f"  {name:>16} {value:8.2f}{extra}", flush=True)
+    print(f"  load average {os.getloadavg()}", flush=True)
+    ref = 16 if 16 in levels else max(levels)
+    one = 1 if 1 in levels else min(levels)
+    print(f"RESULT service16_over_engine_batched={med[f'{ref} clients'] / med['engine batched']:.2f} "
+          f"mean_batch16={statistics.median(batches[ref]):.1f} "
+          f"speedup16_vs_1client={med[f'{ref} clients'] / med[f'{one} clients']:.2f} "
+          f"p50_1client_s={statistics.median(p50s):.2f} errors_non503={errors}", flush=True)
 
 
 def main() -> None:
@@ -138,20 +209,19 @@ def main() -> None:
     parser.add_argument("--api-key", help="API key for --url")
     parser.add_argument("--seconds", type=float, default=20.0, help="time per concurrency level")
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     require(*SHORT_CLIPS)
     levels = [int(x) for x in args.clients.split(",")]
     dur = durations()
-    # The baseline first, before any service runs on this machine's cores.
-    alone = engine_alone(args.seconds, SHORT_CLIPS, dur)
-    print(alone.line("engine alone"), flush=True)
+    engine = _engine()
     if args.url:
         if args.api_key:
             HEADERS["Authorization"] = f"Bearer {args.api_key}"
-        run(args.url.rstrip("/"), args.seconds, levels, alone, dur)
+        run(args.url.rstrip("/"), args.seconds, levels, args.repeats, dur, engine)
     else:
         with local_service() as url:
-            run(url, args.seconds, levels, alone, dur)
+            run(url, args.seconds, levels, args.repeats, dur, engine)
 
 
 if __name__ == "__main__":

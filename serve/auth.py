@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "sk-"
 
 
+MAX_CLIENT_LEN = 64
+"""The audit record's `ip` column holds this many characters."""
+
+
 def _parse_ip(text: str) -> IPv4Address | IPv6Address | None:
     """An address as proxies write it (`1.2.3.4`, `1.2.3.4:5678`, `[2001:db8::1]:443`,
     `::ffff:1.2.3.4`), IPv4-mapped IPv6 as IPv4; None when it is not an address."""
@@ -58,9 +62,14 @@ def client_ip(request: Request) -> str | None:
         return None
     peer = request.client.host
     peer_addr = _parse_ip(peer)
+    if peer_addr is None:
+        # Not an address: a test client's name, or text Ray's HTTP proxy (uvicorn, which trusts
+        # X-Forwarded-For from 127.0.0.1 itself) took from the header of a local peer. Kept,
+        # within the audit record's 64 characters.
+        return peer[:MAX_CLIENT_LEN]
     trusted = get_settings().trusted_proxy_networks
-    if peer_addr is None or not trusted:
-        return str(peer_addr) if peer_addr is not None else peer
+    if not trusted:
+        return str(peer_addr)
 
     def is_trusted(addr: IPv4Address | IPv6Address) -> bool:
         return any(addr in net for net in trusted)

@@ -46,8 +46,10 @@ TRANSCRIPT_CONTENT: dict[str, Any] = {
     "text/plain": {"schema": {"type": "string"}},
     "application/x-subrip": {"schema": {"type": "string"}},
     "text/vtt": {"schema": {"type": "string"}},
+    "text/event-stream": {"schema": {"type": "string"}},
 }
-"""What a transcript comes back as, by `response_format` (speech.formats.media_type)."""
+"""What a transcript comes back as, by `response_format` (speech.formats.media_type), or with
+`stream=true` as server-sent events."""
 UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The transcript in the asked format", "content": TRANSCRIPT_CONTENT},
     **error_responses(400, 408, 413, 501, 507),
@@ -102,7 +104,13 @@ async def create_translation(
                           response_format=response_format, temperature=temperature)
     if params.response_format == "diarized_json":
         raise InvalidOptionError("response_format", "diarized_json is for transcriptions only.")
-    transcript = await services.transcribe_upload(request, file, params)
+    try:
+        transcript = await services.transcribe_upload(request, file, params)
+    except InvalidOptionError as exc:
+        if exc.param != "task":
+            raise
+        # this route has no `task` field: the model the caller chose cannot translate
+        raise InvalidOptionError("model", str(exc)) from None
     return render_response(transcript, params)
 
 

@@ -79,8 +79,10 @@ def test_odd_entries_and_address_forms(trust) -> None:  # type: ignore[no-untype
     assert client_ip(request("10.0.0.5", "203.0.113.7,, ")) == "203.0.113.7"
     assert client_ip(request("::ffff:10.0.0.5", "203.0.113.7")) == "203.0.113.7"
     assert client_ip(request("2001:db8:aaaa::5", "2001:db8:bbbb::7")) == "2001:db8:bbbb::7"
-    # A peer that is no address at all (a test client's name) is passed through.
+    # A peer that is no address at all (a test client's name) is passed through, bounded to
+    # what the audit record holds.
     assert client_ip(request("testclient", "203.0.113.7")) == "testclient"
+    assert client_ip(request("x" * 5000)) == "x" * 64
 
 
 def test_trusted_proxies_must_be_addresses_or_networks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,3 +94,13 @@ def test_trusted_proxies_must_be_addresses_or_networks(monkeypatch: pytest.Monke
         monkeypatch.setenv("TRUSTED_PROXIES", f"127.0.0.1,{bad}")
         with pytest.raises(SettingsError, match=f"TRUSTED_PROXIES=.*{bad}"):
             load_settings()
+
+
+def test_the_kubernetes_configmap_trusts_a_network_the_settings_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    config = yaml.safe_load((REPO_ROOT / "kuberay" / "base" / "configmap.yaml").read_text())
+    monkeypatch.setenv("TRUSTED_PROXIES", config["data"]["TRUSTED_PROXIES"])
+    assert load_settings().trusted_proxy_networks  # a deployment behind the Ingress trusts it
