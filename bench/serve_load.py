@@ -22,6 +22,7 @@ then is the batch record readable.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -38,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.data import require  # noqa: E402
+from bench.data import LONG, require  # noqa: E402
 from bench.loadgen import JFK, SHORT_CLIPS, Level, durations  # noqa: E402
 from bench.loadgen import drive as _drive  # noqa: E402
 
@@ -109,7 +110,7 @@ def local_service() -> Iterator[str]:
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     env = {"STORAGE_BASE_PATH": str(tmp), "RATE_LIMIT_PER_MINUTE": "0",
-           "RATE_LIMIT_KEY_PER_MINUTE": "0", "JOB_RUNNER_CONCURRENCY": "0"}
+           "RATE_LIMIT_KEY_PER_MINUTE": "0", "JOB_RUNNER_CONCURRENCY": "1"}  # idle but for --long-job
     os.environ.update(env)  # this process's settings too: the key goes into the same database
     from config.settings import get_settings
     from serve.job_records import prepare_database
@@ -202,6 +203,44 @@ def run(url: str, seconds: float, levels: list[int], repeats: int, dur: dict[Pat
           f"p50_1client_s={statistics.median(p50s):.2f} errors_non503={errors}", flush=True)
 
 
+def long_job(url: str, path: Path) -> None:
+    """One long recording as a job: its progress timeline as the event stream shows it (one
+    step per decoded window), and its speed."""
+    import httpx
+
+    from speech.audio import audio_duration_s, decode_audio
+
+    seconds = audio_duration_s(decode_audio(path))
+    with path.open("rb") as fh:
+        job = httpx.post(url + "/v1/jobs", headers=HEADERS, files={"file": (path.name, fh)},
+                         data={"language": "en"}, timeout=600).json()
+    t0 = time.monotonic()
+    timeline: list[tuple[float, str, float]] = []
+    last_id = None
+    while not timeline or timeline[-1][1] not in ("succeeded", "failed", "cancelled"):
+        headers = {**HEADERS, **({"Last-Event-ID": last_id} if last_id else {})}
+        with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", headers=headers,
+                          timeout=None) as stream:
+            event: dict[str, str] = {}
+            for line in stream.iter_lines():
+                if line:
+                    key, _, value = line.partition(": ")
+                    event[key] = value
+                    continue
+                if "data" in event:
+                    state = json.loads(event["data"])
+                    last_id = event.get("id", last_id)
+                    timeline.append((time.monotonic() - t0, state["status"], state["progress"]))
+                event = {}
+    wall = timeline[-1][0]
+    print(f"\nlong job: {path.name}, {seconds / 60:.1f} min: {timeline[-1][1]} in {wall:.0f} s "
+          f"= {seconds / wall:.1f}x real time; {len(timeline)} events", flush=True)
+    shown = timeline if len(timeline) <= 24 else timeline[:: max(1, len(timeline) // 20)] + timeline[-1:]
+    print("  t (s)   status      progress", flush=True)
+    for t, status, progress in shown:
+        print(f"  {t:6.1f}  {status:<10} {progress:8.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +249,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time per concurrency level")
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-job", type=Path, default=None, const=LONG, nargs="?",
+                        help="also run this recording as a job and print its progress timeline "
+                             "(default with the flag: the 54-minute LibriSpeech file)")
     args = parser.parse_args()
     require(*SHORT_CLIPS)
     levels = [int(x) for x in args.clients.split(",")]
@@ -219,9 +261,13 @@ def main() -> None:
         if args.api_key:
             HEADERS["Authorization"] = f"Bearer {args.api_key}"
         run(args.url.rstrip("/"), args.seconds, levels, args.repeats, dur, engine)
+        if args.long_job:
+            long_job(args.url.rstrip("/"), args.long_job)
     else:
         with local_service() as url:
             run(url, args.seconds, levels, args.repeats, dur, engine)
+            if args.long_job:
+                long_job(url, args.long_job)
 
 
 if __name__ == "__main__":
