@@ -132,9 +132,12 @@ def test_initial_prompt_steers_spelling(tiny_engine, decode, speech_data_dir):
         (TranscribeOptions(beam_size=0), "beam_size"),
     ],
 )
-def test_options_the_model_cannot_honour_are_refused_before_any_work(tiny_engine, options, param):
+def test_options_the_model_cannot_honour_are_refused_before_any_work(tiny_engine, options, param,
+                                                                     monkeypatch):
+    monkeypatch.setattr(tiny_engine, "transcribe_windows", lambda _: pytest.fail("the model ran"))
+    monkeypatch.setattr(tiny_engine.planner, "plan", lambda *_: pytest.fail("windows were planned"))
     with pytest.raises(InvalidOptionError) as err:
-        tiny_engine.split(np.zeros(SAMPLE_RATE, dtype=np.float32), options)
+        tiny_engine.transcribe([np.zeros(SAMPLE_RATE, dtype=np.float32)], options)
     assert err.value.param == param
 
 

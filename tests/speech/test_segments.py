@@ -3,10 +3,12 @@ times inside the speech (issue 13, bugs 9 and 11)."""
 
 from __future__ import annotations
 
-import numpy as np
+import gzip
+from collections import Counter
+
 import pytest
 
-from speech.evaluation import normalize, word_count
+from speech.evaluation import normalize
 from speech.types import SAMPLE_RATE, TranscribeOptions
 
 
@@ -40,13 +42,15 @@ def test_beam_search_reports_its_real_scores(jfk_greedy_and_beam):
     assert probs == pytest.approx([w.probability for w in _transcript_words(greedy)], abs=0.05)
 
 
-def test_beam_search_keeps_the_hallucination_guards(tiny_engine):
-    """Bug 9: with no-speech probability 0.0 the guard never fired for beam search."""
-    noise = np.random.default_rng(0).normal(0, 0.01, 20 * SAMPLE_RATE).astype(np.float32)
-    greedy = tiny_engine.transcribe([noise], TranscribeOptions())[0]
-    beam = tiny_engine.transcribe([noise], TranscribeOptions(beam_size=3))[0]
-    assert word_count(beam.text) <= 3, beam.text
-    assert word_count(beam.text) <= word_count(greedy.text) + 1, (beam.text, greedy.text)
+def test_beam_search_keeps_the_hallucination_guards(tiny_engine, decode, speech_data_dir):
+    """Bug 9: with no-speech probability 0.0 the guard never fired for beam search: the silent
+    start of a telephone call (a noise at 2.3 s the VAD passes, speech from 6.7 s) came back as 'Thank you
+    very much.' with beam search while greedy decoding returned nothing."""
+    audio = decode(speech_data_dir / "pyannote_sample" / "sample.wav")[: 6 * SAMPLE_RATE]
+    greedy = tiny_engine.transcribe([audio], TranscribeOptions())[0]
+    beam = tiny_engine.transcribe([audio], TranscribeOptions(beam_size=3))[0]
+    assert greedy.segments == []
+    assert beam.segments == [], beam.text
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +99,12 @@ def test_each_segment_carries_its_own_scores(call):
     many = [segs for segs in by_window.values() if len(segs) >= 3]
     assert many
     for segs in many:
-        assert len({round(s.avg_logprob, 6) for s in segs}) > 1, [s.avg_logprob for s in segs]
-        assert len({round(s.compression_ratio, 6) for s in segs}) > 1
+        # a segment's avg_logprob is over its own tokens: hardly ever the same for two of them
+        shared = Counter(round(s.avg_logprob, 6) for s in segs).most_common(1)[0][1]
+        assert shared <= 2, [s.avg_logprob for s in segs]
+        for s in segs:
+            data = s.text.encode()
+            assert s.compression_ratio == pytest.approx(len(data) / len(gzip.compress(data))), s
         assert all(s.avg_logprob < 0.0 and 0.0 < s.no_speech_prob < 1.0 for s in segs)
         # no_speech_prob stays that of the decoding that made the segment (read once, at its
         # first step, as in Whisper): the window's, or the re-decoded stretch's for recovered speech
