@@ -30,9 +30,15 @@ def channel(job_id: str) -> str:
     return f"speech:job:{job_id}"
 
 
+REQUEUED = 3
+"""Order of a job queued again after an attempt: later than that attempt's running state."""
+
+
 def event_id(status: str, progress: float, attempts: int) -> str:
-    """The state as an id that sorts as the states follow one another."""
-    return f"{attempts}.{STATUS_ORDER.get(status, 0)}.{int(round(progress * 1000)):04d}"
+    """The state as an id that sorts as the states follow one another: attempt, then status
+    (queued, running, final; queued again after a failed attempt), then progress."""
+    order = REQUEUED if status == "queued" and attempts > 0 else STATUS_ORDER.get(status, 0)
+    return f"{attempts}.{order}.{int(round(progress * 1000)):04d}"
 
 
 def is_after(state_id: str, last_id: str | None) -> bool:
@@ -40,9 +46,12 @@ def is_after(state_id: str, last_id: str | None) -> bool:
     if not last_id:
         return True
     try:
-        return tuple(map(int, state_id.split("."))) > tuple(map(int, last_id.split(".")))
+        last = tuple(map(int, last_id.split(".")))
     except ValueError:  # a foreign or damaged Last-Event-ID: start afresh
         return True
+    if len(last) != 3:
+        return True
+    return tuple(map(int, state_id.split("."))) > last
 
 
 class Publisher:

@@ -212,10 +212,12 @@ def get_transcript(
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                        **error_responses(404)})
 def follow_job(job_id: str, request: Request, user: CurrentUser, session: SessionDep,
-               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                ) -> StreamingResponse:
+    """An id that is not one of ours (foreign, damaged, too long) is ignored: the stream starts
+    from the current state, as for a first connection."""
     _owned(session, job_id, user.id)  # 404 before the stream starts
-    return StreamingResponse(_event_stream(job_id, user.id, request, last_event_id),
+    return StreamingResponse(_event_stream(job_id, user.id, request, (last_event_id or "")[:64] or None),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -108,3 +108,21 @@ def test_a_stream_that_outlives_its_limit_is_resumed_not_lost(
             repo.cancel_job(session=session, job=repo.get_job(session=session, job_id=job_id, user_id=None))
         final = client.get(f"/v1/jobs/{job_id}/events", headers={**alice.headers, "Last-Event-ID": last_id}).text
         assert [e["event"] for e in _events(final)] == ["cancelled"], final
+
+
+@pytest.mark.parametrize("foreign", ["0" * 65, "abc", "1.2", ""])
+def test_a_last_event_id_that_is_not_ours_starts_the_stream_afresh(foreign: str) -> None:
+    from serve.job_events import event_id, is_after
+
+    assert is_after(event_id("queued", 0.0, 0), foreign)
+    assert not is_after(event_id("running", 0.5, 1), event_id("running", 0.5, 1))
+    assert is_after(event_id("queued", 0.0, 2), event_id("succeeded", 1.0, 1))  # a retry is later
+
+
+def test_a_job_queued_again_after_a_failed_attempt_is_news_to_its_follower() -> None:
+    from serve.job_events import event_id, is_after
+
+    running = event_id("running", 0.5, 1)
+    requeued = event_id("queued", 0.5, 1)
+    second = event_id("running", 0.0, 2)
+    assert is_after(requeued, running) and is_after(second, requeued)
