@@ -3,7 +3,8 @@
 One cluster for the module, all nodes on this machine and on 127.0.0.1 (tests/cluster/support.py):
 - head: `--num-cpus 0` (no workload, like the RayService head), dashboard on 127.0.0.1;
 - `cpu` worker: 4 CPUs (the RayService's cpu pod);
-- `gpu` worker: 8 CPUs and `--num-gpus 1`, a logical GPU (the gpu pod); with AI_DEVICE=cpu on
+- two `gpu` workers: 8 CPUs and `--num-gpus 1` each, a logical GPU (the gpu pod; two because two
+  ASR (2 x 0.5) and two diarization (2 x 0.25) replicas ask for 1.5 GPUs); with AI_DEVICE=cpu on
   every node the models compute on the CPU while Ray places them exactly as on a GPU node.
 `serve_config.gpu.yaml` is deployed with `serve deploy` against the head's dashboard, changed
 only as CHANGES lists. Then: placement through Ray's state API, the dashboard's Serve REST API,
@@ -40,8 +41,8 @@ CHANGES = [
     ("proxy_location", "EveryNode -> HeadOnly", "three nodes on one host cannot each bind the same port; "
                                                 "requests go through the head's proxy"),
     ("Ingress autoscaling", "min 2, max 8 -> min 1, max 1", "2 cores"),
-    ("ASRDeployment autoscaling", "min 1, max 6 -> min 2, max 2", "two replicas placed (1 GPU holds two 0.5 shares ...)"),
-    ("DiarizationDeployment autoscaling", "min 1, max 4 -> min 2, max 2", "... with two 0.25 shares left for diarization"),
+    ("ASRDeployment autoscaling", "min 1, max 6 -> min 2, max 2", "two replicas placed, on 2 cores"),
+    ("DiarizationDeployment autoscaling", "min 1, max 4 -> min 2, max 2", "two replicas placed, on 2 cores"),
     ("upscale_delay_s / downscale_delay_s", "30 / 300 -> 2 / 10", "shortened for the test"),
     ("device", "AI_DEVICE=cpu in the nodes' environment (not in the config)", "no real GPU here"),
 ]
@@ -107,10 +108,12 @@ def cluster() -> Iterator[Cluster]:
         dashboard = f"http://127.0.0.1:{dash_port}"
         wait_for("the head's dashboard", lambda: dashboard_up(dashboard), 180)
         gcs = f"127.0.0.1:{gcs_port}"
-        nodes["cpu"] = start_node("cpu", tmp, env, head=False, address=gcs, num_cpus=4)
-        nodes["gpu"] = start_node("gpu", tmp, env, head=False, address=gcs, num_cpus=8, num_gpus=1)
         c = Cluster(tmp, env, dashboard, gcs, "", api_key, nodes, storage)
-        wait_for("three alive nodes", lambda: len(alive_nodes(c)) == 3, 180, every=2)
+        # One at a time: two nodes of one IP starting together can each take the other's raylet
+        # for its own while they register ("The current node timed out during startup").
+        for i, (name, cpus, gpus) in enumerate([("cpu", 4, 0), ("gpu-0", 8, 1), ("gpu-1", 8, 1)]):
+            nodes[name] = start_node(name, tmp, env, head=False, address=gcs, num_cpus=cpus, num_gpus=gpus)
+            wait_for(f"{i + 2} alive nodes", lambda n=i + 2: len(alive_nodes(c)) == n and nodes[name].alive(), 180, every=2)
         t_nodes = time.monotonic() - t0
         port = free_port()
         config = tmp / "serve_config.gpu.yaml"
@@ -127,7 +130,7 @@ def cluster() -> Iterator[Cluster]:
         wait_for("`serve status` says RUNNING", running, 600, every=3)
         for n in nodes.values():
             n.record()
-        figure("multi-node cluster start", f"3 nodes up in {t_nodes:.1f} s; GPU profile RUNNING "
+        figure("multi-node cluster start", f"4 nodes up in {t_nodes:.1f} s; GPU profile RUNNING "
                                            f"{time.monotonic() - t0:.1f} s after the first `ray start`\n"
                + "changes to serve_config.gpu.yaml:\n" + "\n".join(f"  {w}: {c_} ({why})" for w, c_, why in CHANGES))
         yield c
@@ -136,7 +139,7 @@ def cluster() -> Iterator[Cluster]:
             subprocess.run([str(BIN / "serve"), "shutdown", "-y", "-a", f"http://127.0.0.1:{dash_port}"], cwd=REPO,
                            env=env, capture_output=True, timeout=120)
         leaked = []
-        for name in ("gpu", "cpu", "head"):
+        for name in ("gpu-1", "gpu-0", "cpu", "head"):
             if name in nodes:
                 leaked += nodes[name].stop()
         remove_tmp(tmp)
@@ -153,9 +156,10 @@ def test_replicas_pack_onto_the_gpu_worker_as_their_fractions_say(cluster: Clust
     from ray.util.state import list_actors
 
     nodes = {n.node_id: n for n in alive_nodes(cluster)}
-    role = {nid: ("gpu" if n.resources_total.get("GPU") else "head" if n.is_head_node else "cpu")
+    gpu_nodes = sorted(nid for nid, n in nodes.items() if n.resources_total.get("GPU"))
+    role = {nid: (f"gpu-{gpu_nodes.index(nid)}" if nid in gpu_nodes else "head" if n.is_head_node else "cpu")
             for nid, n in nodes.items()}
-    assert sorted(role.values()) == ["cpu", "gpu", "head"], role
+    assert sorted(role.values()) == ["cpu", "gpu-0", "gpu-1", "head"], role
     actors = list_actors(address=cluster.dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
     rows, placed = [], Counter()
     for a in actors:
@@ -170,15 +174,17 @@ def test_replicas_pack_onto_the_gpu_worker_as_their_fractions_say(cluster: Clust
     asr = [r for r in rows if r[0].endswith("ASRDeployment")]
     diar = [r for r in rows if r[0].endswith("DiarizationDeployment")]
     assert len(asr) >= 2 and len(diar) >= 2, table
-    assert all(r[1] == "gpu" and r[3] == 0.5 for r in asr), table
-    assert all(r[1] == "gpu" and r[3] == 0.25 for r in diar), table
+    assert all(r[1].startswith("gpu") and r[3] == 0.5 for r in asr), table
+    assert all(r[1].startswith("gpu") and r[3] == 0.25 for r in diar), table
     with_gpus = [r for r in rows if r[3] > 0]
-    assert all(r[1] == "gpu" for r in with_gpus), f"an actor with num_gpus off the GPU worker:\n{table}"
-    assert sum(r[3] for r in with_gpus) <= 1.0, table
+    assert all(r[1].startswith("gpu") for r in with_gpus), f"an actor with num_gpus off the GPU workers:\n{table}"
+    for nid in gpu_nodes:
+        assert nodes[nid].resources_total["GPU"] == 1
+        on_it = [r for r in with_gpus if r[1] == role[nid]]
+        assert sum(r[3] for r in on_it) <= 1.0, table  # the shares of one GPU add up to at most 1
+    assert sum(r[3] for r in with_gpus) == 2 * 0.5 + 2 * 0.25 or len(asr) + len(diar) > 4, table
     on_head = [r for r in rows if r[1] == "head" and r[2] > 0]
     assert not on_head, f"the head (num-cpus 0) runs work:\n{table}"
-    gpu_node = next(nid for nid, r in role.items() if r == "gpu")
-    assert nodes[gpu_node].resources_total["GPU"] == 1
 
 
 def test_dashboard_serve_api_reports_our_deployments_and_replica_states(cluster: Cluster) -> None:
@@ -257,38 +263,74 @@ def test_ray_job_submit_status_logs_as_the_readme_says(cluster: Cluster) -> None
     took = time.monotonic() - t0
     job = _job_id(submitted.stdout + submitted.stderr)
     status = cluster.cli("ray", "job", "status", "--address", cluster.dashboard, job).stdout
-    assert "SUCCEEDED" in status, status
+    assert f"Job '{job}' succeeded" in status, status
     logs = cluster.cli("ray", "job", "logs", "--address", cluster.dashboard, job).stdout
     assert "batch summary" in logs, logs[-2000:]
 
     records = {Path(r["path"]).name: r for r in _records(out)}
     assert set(records) == set(CLIPS), sorted(records)
+    refs, hyps = [], []
     for name, rec in sorted(records.items()):
         assert rec["status"] == "succeeded", rec
         assert rec["duration"] > 0 and rec["segments"], rec
         ref = REPO / "tests" / "data" / Path(CLIPS[name]).with_suffix(".txt")
         if ref.exists():  # clips with a reference transcript beside them
-            assert word_error_rate([ref.read_text()], [rec["text"]]) <= 0.25, (name, rec["text"])
+            refs.append(ref.read_text())
+            hyps.append(rec["text"])
+    assert len(refs) >= 3 and word_error_rate(refs, hyps) <= 0.15, list(zip(refs, hyps))
     assert "ask not what your country can do for you" in records["jfk.flac"]["text"].lower()
     figure("ray job submit (README command)", f"{len(records)} files, {sum(r['duration'] for r in records.values()):.0f} s "
                                               f"of audio: submit -> SUCCEEDED in {took:.1f} s (job {job})")
 
 
+STOP_CLIPS = {**CLIPS, **{f"conv{n}spk-{i}.wav": f"conv{n}spk_{75 if n == 2 else 64}s.flac"
+                            for n in (2, 3) for i in (1, 2)}}
+"""Four more minutes of audio than CLIPS, so that a stop lands part-way: the two conversations
+again, each copy at a slightly lower level (other content, so not skipped as already done)."""
+
+
+def _quieter_copy(src: Path, dst: Path, gain: float) -> None:
+    import wave
+
+    import numpy as np
+
+    from speech.audio import decode_audio
+
+    audio = decode_audio(src)
+    samples = np.asarray(getattr(audio, "samples", audio), dtype=np.float32)
+    pcm = (np.clip(samples * gain, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(dst), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+
+
 def test_ray_job_stop_leaves_a_state_the_next_submission_completes(cluster: Cluster) -> None:
-    folder = _batch_input(cluster.tmp)
+    folder = cluster.tmp / "stop-in"
+    folder.mkdir()
+    for name, clip in STOP_CLIPS.items():
+        if name.startswith("conv") and name.endswith(".wav"):
+            _quieter_copy(REPO / "tests" / "data" / clip, folder / name, gain=1 - 0.05 * int(name[-5]))
+        else:
+            shutil.copyfile(REPO / "tests" / "data" / clip, folder / name)
     out = cluster.tmp / "stop-out" / "results.jsonl"
     out.parent.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    args = _submit_args(cluster, folder, out)
+    # one window per model call: files finish one by one, not all with the last batch
+    args = [*_submit_args(cluster, folder, out), "--batch-windows", "1"]
     submitted = cluster.cli(*args[:3], "--no-wait", *args[3:], timeout=300)
     job = _job_id(submitted.stdout + submitted.stderr)
     wait_for("the first file written by the job", lambda: len(_records(out)) >= 1, 600)
     t_first = time.monotonic() - t0
     cluster.cli("ray", "job", "stop", "--address", cluster.dashboard, job, timeout=300)
-    wait_for("the job STOPPED", lambda: "STOPPED" in cluster.cli("ray", "job", "status", "--address",
-                                                                  cluster.dashboard, job).stdout, 120)
+    def stopped() -> bool:
+        done = cluster.cli("ray", "job", "status", "--address", cluster.dashboard, job)
+        return f"Job '{job}' was stopped" in done.stdout + done.stderr  # a warning: on stderr
+
+    wait_for("the job stopped", stopped, 120)
     before = {Path(r["path"]).name for r in _records(out) if r["status"] == "succeeded"}
-    assert 1 <= len(before) < len(CLIPS), f"the job was not stopped part-way: {sorted(before)}"
+    assert 1 <= len(before) < len(STOP_CLIPS), f"the job was not stopped part-way: {sorted(before)}"
 
     t1 = time.monotonic()
     again = cluster.cli(*args, timeout=900)
@@ -298,8 +340,8 @@ def test_ray_job_stop_leaves_a_state_the_next_submission_completes(cluster: Clus
     assert skipped and int(skipped.group(1)) >= len(before), logs[-2000:]
     records = _records(out)
     by_name = Counter(Path(r["path"]).name for r in records)
-    assert set(by_name) == set(CLIPS) and set(by_name.values()) == {1}, by_name
+    assert set(by_name) == set(STOP_CLIPS) and set(by_name.values()) == {1}, by_name
     assert all(r["status"] == "succeeded" for r in records), records
-    figure("ray job stop / resume", f"first record after {t_first:.1f} s; stopped with {len(before)}/{len(CLIPS)} "
+    figure("ray job stop / resume", f"first record after {t_first:.1f} s; stopped with {len(before)}/{len(STOP_CLIPS)} "
                                     f"files done; the resubmission skipped {skipped.group(1)} and finished the rest "
                                     f"in {took:.1f} s; every file once in the output")
