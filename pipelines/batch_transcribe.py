@@ -30,7 +30,7 @@ from typing import Any
 from pipelines.inputs import InputError, is_remote, list_inputs
 from pipelines.records import FileRecord, JsonlWriter, read_records, resolve_output, write_formats
 from speech.audio import AudioLimits
-from speech.errors import InvalidOptionError, SpeechError
+from speech.errors import InvalidOptionError, ModelNotFoundError, SpeechError
 from speech.request import SpeakerHints, TranscriptionRequest, check_request
 from speech.types import TranscribeOptions
 
@@ -240,8 +240,8 @@ def run(cfg: RunConfig, *, out=sys.stdout) -> Summary:  # noqa: ANN001 - a text 
     if cfg.formats and not cfg.output:
         raise UsageError("--format writes next to --output; give --output")
     request = cfg.request()
-    _precheck(cfg, request)
     model = cfg.model or settings.WHISPER_MODEL_PATH
+    _precheck(cfg, request, model=model, cache_dir=settings.MODEL_CACHE_DIR)
     key = run_key(cfg, model)
 
     try:
@@ -440,18 +440,23 @@ def _is_dir(spec: str) -> bool:
     return not is_remote(spec) and os.path.isdir(spec.removeprefix("file://"))
 
 
-def _precheck(cfg: RunConfig, request: TranscriptionRequest) -> None:
-    """Refuse impossible options before Ray starts, with the rule every entry point uses (the
-    model-specific ones are checked again when the Whisper actors load)."""
+def _precheck(cfg: RunConfig, request: TranscriptionRequest, *, model: str | None = None,
+              cache_dir: Path | None = None) -> None:
+    """Refuse impossible options before Ray starts or any file is read, with the rule every
+    entry point uses, against what `model` can do as its metadata tells (no weights loaded;
+    a model whose capabilities need a download is checked when the Whisper actors load)."""
+    from speech.asr import model_capabilities
+
     try:
-        check_request(request)
+        caps = model_capabilities(model, cache_dir) if model else None
+        check_request(request, caps)
         for name in ("actors", "batch_windows", "threads_per_actor"):
             value = getattr(cfg, name)
             if value is not None and value < 1:
                 raise InvalidOptionError(name, f"--{name.replace('_', '-')} must be at least 1")
         if cfg.num_gpus_per_actor is not None and not (0 <= cfg.num_gpus_per_actor <= 8 and math.isfinite(cfg.num_gpus_per_actor)):
             raise InvalidOptionError("num_gpus_per_actor", "--num-gpus-per-actor must be between 0 and 8")
-    except InvalidOptionError as exc:
+    except (InvalidOptionError, ModelNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
 
 

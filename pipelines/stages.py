@@ -169,14 +169,15 @@ def speech_from_json(text: str) -> tuple[tuple[float, float], ...]:
 
 # ---------------------------------------------------------------------------- transcription
 def result_to_json(result: WindowResult) -> str:
-    return json.dumps({"language": result.language,
+    return json.dumps({"language": result.language, "language_probs": result.language_probs,
                        "segments": [dataclasses.asdict(s) for s in result.segments]})
 
 
 def result_from_json(text: str) -> WindowResult:
     data = json.loads(text)
     segments = [Segment(**{**s, "words": [Word(**w) for w in s.get("words", [])]}) for s in data["segments"]]
-    return WindowResult(language=data["language"], segments=segments)
+    return WindowResult(language=data["language"], segments=segments,
+                        language_probs=data.get("language_probs"))
 
 
 class WhisperStage:

@@ -45,6 +45,8 @@ COMPRESSION_RATIO_LIMIT = 2.4
 LOGPROB_LIMIT = -1.0
 NO_SPEECH_LIMIT = 0.6
 FALLBACK_TEMPERATURES = (0.2, 0.6)
+LANGUAGE_PROBS_KEPT = 5
+"""Languages (likeliest first) whose detection probability a window result carries."""
 
 
 @dataclass
@@ -262,6 +264,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def model_capabilities(spec: str, cache_dir: Path | None = None, *, diarization: bool = True,
+                       diarization_reason: str | None = None) -> Capabilities | None:
+    """What model `spec` can do (multilingual or not, its languages) without loading or
+    converting its weights: read from its tokenizer or generation config. None when that needs
+    a download (a hub id); the engine checks again once loaded (`WhisperEngine.capabilities`).
+    Diarization is not the model's to judge: it is reported as given."""
+    from speech.model_store import whisper_languages
+
+    found = whisper_languages(spec, cache_dir)
+    if found is None:
+        return None
+    multilingual, languages = found
+    return Capabilities(model=spec, multilingual=multilingual, languages=languages,
+                        diarization=diarization, diarization_reason=diarization_reason)
+
+
 class WhisperEngine:
     """Whisper through transformers, loaded once, called with batches of windows."""
 
@@ -460,13 +478,18 @@ class WhisperEngine:
         ids = self.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False)
         return [self.sot_prev, *ids[-(MAX_NEW_TOKENS - 1) :]]
 
-    def _detect_languages(self, enc: torch.Tensor) -> list[str]:
+    def _detect_languages(self, enc: torch.Tensor) -> tuple[list[str], list[dict[str, float]]]:
+        """Per window the likeliest language and the `LANGUAGE_PROBS_KEPT` likeliest with their
+        probabilities (softmax over the language tokens only, as Whisper's detect_language)."""
         ids = torch.full((enc.shape[0], 1), self.sot, device=self.device)
         logits = self._decoder_logits(ids, enc, cache=None)[:, -1]
         lang_ids = torch.tensor(list(self.lang_to_id.values()), device=self.device)
-        best = logits[:, lang_ids].argmax(-1).tolist()
+        probs = torch.softmax(logits[:, lang_ids].float(), dim=-1)
+        top_p, top_i = probs.topk(min(LANGUAGE_PROBS_KEPT, probs.shape[-1]), dim=-1)
         names = list(self.lang_to_id)
-        return [names[b] for b in best]
+        kept = [{names[i]: round(float(p), 4) for p, i in zip(ps, idx, strict=True)}
+                for ps, idx in zip(top_p.tolist(), top_i.tolist(), strict=True)]
+        return [names[idx[0]] for idx in top_i.tolist()], kept
 
     def _decoder_logits(self, ids: torch.Tensor, enc: torch.Tensor, cache) -> torch.Tensor:
         out = self.model.model.decoder(
@@ -477,10 +500,11 @@ class WhisperEngine:
     def _transcribe_group(self, windows: list[Window], depth: int = 0) -> list[WindowResult]:
         opts = windows[0].options
         enc = self._encode(windows)
-        if self.is_multilingual:
-            langs = [opts.language] * len(windows) if opts.language else self._detect_languages(enc)
+        lang_probs: list[dict[str, float] | None] = [None] * len(windows)
+        if self.is_multilingual and not opts.language:
+            langs, lang_probs = self._detect_languages(enc)  # type: ignore[assignment]
         else:
-            langs = ["en"] * len(windows)
+            langs = [opts.language or "en"] * len(windows)
         prefixes = [self._sot_sequence(lang, opts.task) for lang in langs]
         prompt = self._prompt_tokens(opts.initial_prompt)
         durations = [w.duration_s for w in windows]
@@ -497,7 +521,8 @@ class WhisperEngine:
             segments, probs = self._segments(dec, durations[k])
             if dec.no_speech_prob > NO_SPEECH_LIMIT and dec.avg_logprob < LOGPROB_LIMIT:
                 segments, probs = [], []  # silence the model would fill with invented text
-            results.append(WindowResult(language=langs[k], segments=segments, token_probs=probs))
+            results.append(WindowResult(language=langs[k], segments=segments, token_probs=probs,
+                                        language_probs=lang_probs[k]))
         if depth < MAX_SKIP_RETRIES and not self.fixed_new_tokens:
             self._recover_skipped_speech(windows, results, depth)
         if depth > 0:
@@ -988,4 +1013,4 @@ class WhisperEngine:
         return words
 
 
-__all__ = ["WhisperEngine", "Window", "WindowResult", "resolve_device"]
+__all__ = ["WhisperEngine", "Window", "WindowResult", "model_capabilities", "resolve_device"]

@@ -65,6 +65,8 @@ def _verbose_json(t: Transcript, _file_id: str) -> str:
         "text": t.text,
         "segments": [_verbose_segment(s) for s in t.segments],
     }
+    if t.language_probs is not None:  # extension: how sure the detection was
+        body["language_probs"] = t.language_probs
     words = t.words
     if words:
         body["words"] = [

@@ -255,3 +255,46 @@ def resolve_whisper_model(spec: str, cache_dir: Path) -> str:
     if _HUB_ID.match(spec) and not path.exists():
         return spec
     raise ModelNotFoundError(_unknown_message(spec))
+
+
+def _ct2_languages(ct2_dir: Path) -> tuple[bool, tuple[str, ...]]:
+    """(multilingual, language codes) of a CTranslate2 directory, from its tokenizer.json alone,
+    by the same rule as its conversion (speech.ct2_convert)."""
+    import json
+
+    from speech.ct2_convert import SpecialTokens, _added_tokens
+
+    special = SpecialTokens(_added_tokens(json.loads((ct2_dir / "tokenizer.json").read_text(encoding="utf-8"))))
+    if special.eot == 50256:  # GPT-2's vocabulary: an English-only model
+        return False, ("en",)
+    return True, tuple(sorted(c.strip("<|>") for c in special.languages))
+
+
+def _transformers_languages(model_dir: Path) -> tuple[bool, tuple[str, ...]] | None:
+    import json
+
+    gen_file = model_dir / "generation_config.json"
+    if not gen_file.is_file():
+        return None
+    gen = json.loads(gen_file.read_text(encoding="utf-8"))
+    if not gen.get("is_multilingual"):
+        return False, ("en",)
+    return True, tuple(sorted(k.strip("<|>") for k in gen.get("lang_to_id") or {}))
+
+
+def whisper_languages(spec: str, cache_dir: Path | None = None) -> tuple[bool, tuple[str, ...]] | None:
+    """(multilingual, language codes) of a Whisper model, read from its small metadata files:
+    no weights are loaded or converted. None where that cannot be known without downloading
+    (a hub id) or the directory lacks the files (then the loaded model decides)."""
+    spec = spec.strip()
+    if spec in _PACKAGED:
+        _, meta = _source_files(_packaged(spec))
+        return _ct2_languages(meta[0].parent)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if _is_ct2_dir(path):
+            return _ct2_languages(path)
+        return _transformers_languages(path)
+    if _HUB_ID.match(spec) and not path.exists():
+        return None
+    raise ModelNotFoundError(_unknown_message(spec))

@@ -58,6 +58,10 @@ class Transcript:
     task: Task = "transcribe"
     speakers: list[SpeakerTurn] | None = None
     """Diarization turns when diarization was asked for, else None."""
+    language_probs: dict[str, float] | None = None
+    """When the language was detected: the likeliest languages (ISO codes, most likely first)
+    with their probabilities, averaged over the windows weighted by duration; None when the
+    caller gave the language or the model is English-only."""
 
     @property
     def text(self) -> str:
@@ -85,6 +89,7 @@ class Transcript:
             segments=segments,
             task=data.get("task", "transcribe"),
             speakers=[SpeakerTurn(**t) for t in speakers] if speakers is not None else None,
+            language_probs=dict(data["language_probs"]) if data.get("language_probs") else None,
         )
 
 
@@ -133,3 +138,5 @@ class WindowResult:
     segments: list[Segment] = field(default_factory=list)
     token_probs: list[list[float]] = field(default_factory=list, repr=False)
     """Per segment, the probability of each of its text tokens (for word probabilities)."""
+    language_probs: dict[str, float] | None = None
+    """The window's likeliest languages with their probabilities, when detection ran."""

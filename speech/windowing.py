@@ -146,7 +146,9 @@ def stitch(
                         words=words)
             )
     language = options.language or majority_language(windows, results)
-    return Transcript(language=language, duration=duration_s, segments=segments, task=options.task)
+    probs = None if options.language else language_probabilities(windows, results)
+    return Transcript(language=language, duration=duration_s, segments=segments, task=options.task,
+                      language_probs=probs)
 
 
 def majority_language(windows: Sequence[Window], results: Sequence[WindowResult]) -> str:
@@ -155,3 +157,25 @@ def majority_language(windows: Sequence[Window], results: Sequence[WindowResult]
     for w, r in zip(windows, results, strict=True):
         votes[r.language] += w.duration_s
     return votes.most_common(1)[0][0] if votes else "en"
+
+
+LANGUAGE_PROBS_TOP = 3
+"""How many of the likeliest languages a transcript reports."""
+
+
+def language_probabilities(windows: Sequence[Window], results: Sequence[WindowResult],
+                           top: int = LANGUAGE_PROBS_TOP) -> dict[str, float] | None:
+    """The detected languages' probabilities over the recording: each window's, weighted by its
+    duration, averaged over the windows that ran detection; the `top` likeliest, most likely
+    first. None when no window ran detection (language given, or an English-only model)."""
+    total: Counter[str] = Counter()
+    weight = 0.0
+    for w, r in zip(windows, results, strict=True):
+        if not r.language_probs:
+            continue
+        weight += w.duration_s
+        for lang, p in r.language_probs.items():
+            total[lang] += p * w.duration_s
+    if weight <= 0:
+        return None
+    return {lang: round(p / weight, 4) for lang, p in total.most_common(top)}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import srt
 
 from speech.cli import main
@@ -66,3 +67,17 @@ def test_bad_speaker_hints_exit_2(speech_data_dir, tiny_en_model_dir, capsys):
                  "--min-speakers", "3", "--max-speakers", "2", "--quiet"])
     assert code == 2
     assert "min_speakers" in capsys.readouterr().err
+
+
+def test_a_language_the_model_lacks_exits_2_before_any_file_is_read(tmp_path, tiny_en_model_dir, capsys,
+                                                                     monkeypatch):
+    """tiny.en (the default model) knows English only: French is refused, naming the option,
+    before the (here missing) file is opened."""
+    from speech.pipeline import TranscriptionPipeline
+
+    monkeypatch.setattr(TranscriptionPipeline, "load", lambda *_: pytest.fail("a file was read"))
+    code = main(["transcribe", str(tmp_path / "never-read.wav"), "--model", "tiny.en", "--language", "fr",
+                 "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'fr'" in err and "tiny.en" in err and "never-read" not in err
