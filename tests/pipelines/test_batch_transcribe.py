@@ -8,6 +8,8 @@ and the jobs visible through GET /v1/jobs to their owner only.
 
 from __future__ import annotations
 
+import json
+
 import io
 import os
 import shutil
@@ -117,7 +119,7 @@ def test_transcripts_match_the_references(runs: Runs, speech_data_dir: Path) -> 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_transcripts_equal_the_engine_called_directly(runs: Runs, speech_data_dir: Path, model_cache_dir: Path) -> None:
     """Same file, same options: the pipeline's transcript is the engine's, field for field."""
-    from pipelines.stages import split_windows
+    from pipelines.stages import window_rows
     from speech.asr import WhisperEngine
     from speech.audio import decode_audio
     from speech.types import TranscribeOptions
@@ -129,9 +131,10 @@ def test_transcripts_equal_the_engine_called_directly(runs: Runs, speech_data_di
         assert _rec(runs, name).transcript().to_dict() == direct.to_dict(), name
     # the CPU stage cuts exactly where the engine does, without loading the model
     long = decode_audio(speech_data_dir / "conv2spk_75s.flac")  # 76.5 s of conversation
-    spans = [(round(w.offset_s * 16000), round(w.offset_s * 16000) + len(w.samples))
-             for w in engine.split(long, TranscribeOptions())]
-    assert split_windows(long, "tiny.en", "cpu") == spans and len(spans) >= 3
+    spans = [(w.offset_s, len(w.samples), w.speech) for w in engine.planner.plan(long, TranscribeOptions())]
+    rows = window_rows({"path": "conv2spk_75s.flac"}, long, TranscribeOptions(), device="cpu")
+    assert [(r["offset_s"], r["n_samples"], tuple(map(tuple, json.loads(r["speech"])))) for r in rows] == spans
+    assert len(spans) >= 3
 
 
 def test_bad_files_are_recorded_failed_with_their_reasons(runs: Runs) -> None:
