@@ -253,23 +253,28 @@ async def _event_stream(job_id: str, user_id: int, request: Request,
         return True
 
     pushed = job_events.subscribe(job_id, settings.REDIS_URL)
+    reread = True
     try:
         while True:
-            snapshot = await read()
-            if snapshot is None:
-                yield f"event: deleted\ndata: {json.dumps({'id': job_id})}\n\n"
-                return
-            if fresh(snapshot):
-                sent_at = clock()
-                yield _event(snapshot)
-            if snapshot["status"] in TERMINAL_STATUSES or await request.is_disconnected():
+            if reread:  # first, on a poll, after a quiet spell, and for a final state
+                snapshot = await read()
+                if snapshot is None:
+                    yield f"event: deleted\ndata: {json.dumps({'id': job_id})}\n\n"
+                    return
+                if fresh(snapshot):
+                    sent_at = clock()
+                    yield _event(snapshot)
+                if snapshot["status"] in TERMINAL_STATUSES:
+                    return
+            if await request.is_disconnected():
                 return
             if clock() >= deadline:
                 yield "retry: 1000\n\n"  # reconnect with Last-Event-ID to go on
                 return
-            pushed_events = await _next_push(pushed, snapshot, fresh)
+            pushed_events = await _next_push(pushed, snapshot, fresh)  # type: ignore[arg-type]
             if pushed_events is None:  # no Redis: poll
                 await asyncio.sleep(SSE_POLL_S)
+            reread = not pushed_events
             for event in pushed_events or []:
                 sent_at = clock()
                 yield event
@@ -282,10 +287,10 @@ async def _event_stream(job_id: str, user_id: int, request: Request,
 
 async def _next_push(pushed: AsyncIterator[dict[str, Any] | None], snapshot: dict[str, Any],
                      fresh: Any) -> list[str] | None:
-    """The events of the next message pushed for the job (running steps straight from the
-    message, so every step is seen even when they come faster than a database read); [] when
-    none came for a while; None without Redis. A final state is left to the database read, which
-    has all of its fields."""
+    """The events of the next message pushed for the job: a running step straight from the
+    message (no database read between steps, so every step is seen however fast they come);
+    [] when none came for a while, or for a final state (the caller reads the database then,
+    which has all of its fields); None without Redis (the caller polls)."""
     try:
         message = await anext(pushed)
     except StopAsyncIteration:
