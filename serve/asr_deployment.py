@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import logging
 import time
 import uuid
@@ -82,9 +81,10 @@ class ASRDeployment:
         self._computing = 0
         self._waiting: dict[str, int] = {}
         """Request id -> its windows not yet taken by a batch."""
-        self._batch_s: float | None = None
-        """Model time of recent batches (moving average): with the batch size, what the
-        windows waiting here cost to clear, for `max_wait_s`."""
+        self._window_s: float | None = None
+        """Model time per window of recent batches (moving average): what a window waiting
+        here costs, for `max_wait_s`. Conservative (small batches cost more per window), so a
+        synchronous request is shed rather than held past its client's timeout."""
         self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
                           "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
@@ -113,9 +113,9 @@ class ASRDeployment:
         `max_wait_s` (synchronous requests): when the windows already here would take longer
         than that to clear (estimated from recent batches), refuse at once with 503 +
         Retry-After rather than hold the caller past its timeout. Jobs pass None and wait."""
-        if max_wait_s is not None and self._batch_s is not None:
+        if max_wait_s is not None and self._window_s is not None:
             ahead = self._queued + self._computing + len(windows)
-            wait_s = math.ceil(ahead / self._batching["max_batch_size"]) * self._batch_s
+            wait_s = ahead * self._window_s
             if wait_s > max_wait_s:
                 raise OverloadedError(max(1.0, min(wait_s - max_wait_s, 30.0)))
         request_id = uuid.uuid4().hex
@@ -151,8 +151,9 @@ class ASRDeployment:
         finally:
             self._computing -= len(items)
         compute_s = time.perf_counter() - t0
-        self._batch_s = (compute_s if self._batch_s is None
-                         else 0.7 * self._batch_s + 0.3 * compute_s)
+        per_window = compute_s / len(items)
+        self._window_s = (per_window if self._window_s is None
+                          else 0.7 * self._window_s + 0.3 * per_window)
         requests = len({item.request_id for item in items})
         self._metrics.asr_batch_size.observe(len(items))
         self._metrics.asr_windows.inc(len(items))

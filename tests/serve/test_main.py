@@ -30,15 +30,21 @@ class _RayStarted(Exception):
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """An environment without the pinned names (main writes os.environ: monkeypatch restores it),
-    fresh settings before and after, and a storage folder of the test's own."""
+    """An environment without the pinned names, fresh settings before and after, and a storage
+    folder of the test's own. main() writes os.environ itself, so the whole environment is put
+    back afterwards (monkeypatch alone restores only the names it touched)."""
+    import os
+
     from config.settings import get_settings
 
+    saved = dict(os.environ)
     for name in (*PINNED, "STORAGE_TYPE", "STORAGE_BASE_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("STORAGE_BASE_PATH", str(tmp_path / "storage"))
     get_settings.cache_clear()
     yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
     get_settings.cache_clear()
 
 

@@ -43,7 +43,7 @@ def test_diarized_json_implies_diarize_and_takes_speaker_hints() -> None:
     ({"timestamp_granularities": ["char"], "response_format": "verbose_json"},
      "timestamp_granularities"),
     ({"timestamp_granularities": ["word"], "response_format": "json"}, "timestamp_granularities"),
-    ({"stream": "true"}, "stream"),
+    ({"stream": "true", "response_format": "srt"}, "stream"),  # srt cannot stream
     ({"language": "english!"}, "language"),
     ({"diarize": "maybe"}, "diarize"),
     ({"num_speakers": "2"}, "num_speakers"),  # without diarize
