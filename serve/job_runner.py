@@ -186,7 +186,6 @@ class JobRunner:
         attempt counted, as after a crash; a job on its last attempt ends failed)."""
         held = set(self._held)  # before cancelling: no job in it gets its result written after
         self._stop.set()
-        await self.events.close()
         for task in self._loops + list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
@@ -197,6 +196,7 @@ class JobRunner:
             except TimeoutError:
                 log.warning("results not written before the stop; their jobs are claimed again",
                             extra={"runner": self.owner})
+        await self.events.close()  # after the last results (and their events) went out
         if not release:
             return
         for job_id in sorted(held):
