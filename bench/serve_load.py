@@ -151,11 +151,66 @@ def _batch_record() -> list[dict] | None:
         return None
 
 
-def _mean_batch(before: list[dict] | None, after: list[dict] | None) -> float:
+def _new_batches(before: list[dict] | None, after: list[dict] | None) -> list[dict]:
     if before is None or after is None:
-        return float("nan")
-    new = after[len(before):] if len(after) > len(before) else after[-1:]
+        return []
+    return after[len(before):] if len(after) > len(before) else after[-1:]
+
+
+def _mean_batch(before: list[dict] | None, after: list[dict] | None) -> float:
+    new = _new_batches(before, after)
     return statistics.fmean(b["batch_size"] for b in new) if new else float("nan")
+
+
+STAGE_METRIC = "speech_request_stage_seconds"
+HTTP_METRIC = "speech_http_request_duration_seconds"
+ROUTE = "/v1/audio/transcriptions"
+
+
+def _stage_totals(url: str) -> dict[str, tuple[float, float]]:
+    """stage -> (seconds, count) so far, from the ingress's /metrics; "request" is the whole
+    HTTP request (the route's duration histogram)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", headers=HEADERS, timeout=30).text
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in (STAGE_METRIC, HTTP_METRIC):
+            continue
+        for sample in family.samples:
+            if family.name == STAGE_METRIC:
+                key = sample.labels.get("stage", "?")
+            elif sample.labels.get("route") == ROUTE and sample.labels.get("method") == "POST":
+                key = "request"
+            else:
+                continue
+            if sample.name.endswith("_sum"):
+                totals.setdefault(key, [0.0, 0.0])[0] += sample.value
+            elif sample.name.endswith("_count"):
+                totals.setdefault(key, [0.0, 0.0])[1] += sample.value
+    return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def where_time_goes(url: str, before: dict[str, tuple[float, float]], batches: list[dict],
+                    wall_s: float) -> str:
+    """One line: mean seconds per request in each stage during a level (ingress metrics), and
+    the replica's side: windows' mean wait for a batch, compute per batch, model busy share."""
+    after = _stage_totals(url)
+    parts = []
+    order = ["request", "store", "decode", "plan", "asr", "assemble", "record"]
+    for stage in order:
+        s1, n1 = after.get(stage, (0.0, 0.0))
+        s0, n0 = before.get(stage, (0.0, 0.0))
+        if n1 > n0:
+            parts.append(f"{stage} {1000 * (s1 - s0) / (n1 - n0):.0f}")
+    if batches:
+        busy = sum(b["compute_s"] for b in batches) / wall_s if wall_s else float("nan")
+        queued = statistics.fmean(b.get("queued_s", float("nan")) for b in batches)
+        compute = statistics.fmean(b["compute_s"] for b in batches)
+        parts.append(f"| replica: queued {1000 * queued:.0f}, compute/batch {1000 * compute:.0f}, "
+                     f"model busy {busy:.0%}")
+    return "    ms per request: " + ", ".join(parts)
 
 
 def run(url: str, seconds: float, levels: list[int], repeats: int, dur: dict[Path, float],
@@ -178,12 +233,14 @@ def run(url: str, seconds: float, levels: list[int], repeats: int, dur: dict[Pat
         print(batched.line(f"[{r + 1}] engine all"), flush=True)
         print(single.line(f"[{r + 1}] engine 1x1"), flush=True)
         for n in levels:
-            before = _batch_record()
+            before, stages = _batch_record(), _stage_totals(url)
             level = drive(url, n, seconds, SHORT_CLIPS, dur)
-            batches[n].append(_mean_batch(before, _batch_record()))
+            after = _batch_record()
+            batches[n].append(_mean_batch(before, after))
             rates.setdefault(f"{n} clients", []).append(_rate(level))
             errors += sum(v for k, v in level.statuses.items() if k not in (200, 503))
             print(level.line(f"[{r + 1}] {n} clients") + f"  mean batch {batches[n][-1]:.1f}", flush=True)
+            print(where_time_goes(url, stages, _new_batches(before, after), level.elapsed), flush=True)
         jfk = drive(url, 1, max(10.0, seconds / 2), [JFK], dur)
         errors += sum(v for k, v in jfk.statuses.items() if k not in (200, 503))
         p50s.append(jfk.pct(0.5))

@@ -2,10 +2,10 @@
 
 Callers (the ingress, the job runner) plan a recording's windows themselves
 (`speech.pipeline`), so VAD and stitching never hold this replica; they send windows, a few calls
-at a time, and each window awaits `_batched_windows`, a `@serve.batch` method that takes single
-windows. Serve's batch queue therefore mixes windows of every request in flight. The model call
-runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting windows and
-collecting the next batch meanwhile.
+at a time, and each window is submitted to one `MicroBatcher` (serve/batching.py: why not
+`@serve.batch`), which mixes windows of every request in flight and takes the next batch when
+the model is free. The model call runs in a worker thread (`asyncio.to_thread`) so the event
+loop keeps accepting windows meanwhile.
 
 Batch size and wait come from `user_config` (`reconfigure`), so they change without a redeploy.
 """
@@ -17,13 +17,14 @@ import collections
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from config.settings import get_settings
+from serve.batching import MicroBatcher
 from serve.errors import OverloadedError
 from serve.metrics import ReplicaMetrics
 from speech.types import SAMPLE_RATE, TranscribeOptions, Window, WindowResult
@@ -43,6 +44,7 @@ class _Item:
     window: Window
     tag: str | None = None
     """The caller's name for the request (its Serve request id), kept in the batch record."""
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @serve.deployment(
@@ -87,6 +89,8 @@ class ASRDeployment:
         synchronous request is shed rather than held past its client's timeout."""
         self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
                           "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}
+        self._batcher: MicroBatcher[_Item, WindowResult] = MicroBatcher(
+            self._batched_windows, **self._batching)
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
 
     def _warm_up(self) -> None:
@@ -99,8 +103,7 @@ class ASRDeployment:
         """Apply `user_config`: `max_batch_size` and `batch_wait_timeout_s`."""
         size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         wait = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
-        self._batched_windows.set_max_batch_size(size)
-        self._batched_windows.set_batch_wait_timeout_s(wait)
+        self._batcher.configure(max_batch_size=size, batch_wait_timeout_s=wait)
         self._batching = {"max_batch_size": size, "batch_wait_timeout_s": wait}
         log.info("asr batching configured", extra={"max_batch_size": size,
                                                    "batch_wait_timeout_s": wait})
@@ -122,14 +125,12 @@ class ASRDeployment:
         self._waiting[request_id] = len(windows)
         self._set_queued(len(windows))
         try:
-            return list(await asyncio.gather(*(self._batched_windows(_Item(request_id, w, tag))
+            return list(await asyncio.gather(*(self._batcher.submit(_Item(request_id, w, tag))
                                                for w in windows)))
         finally:  # cancelled (caller gone, deadline): its windows left the queue unbatched
             self._set_queued(-self._waiting.pop(request_id, 0))
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE,
-                 batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def _batched_windows(self, items: list[_Item]) -> list[Any]:
+    async def _batched_windows(self, items: list[_Item]) -> list[WindowResult]:
         """One model call for windows of possibly many requests."""
         taken = 0
         for item in items:
@@ -141,6 +142,7 @@ class ASRDeployment:
         windows = [item.window for item in items]
         audio_s = sum(len(w.samples) for w in windows) / SAMPLE_RATE
         t0 = time.perf_counter()
+        queued_s = sum(t0 - item.queued_at for item in items) / len(items)  # mean wait for a batch
         self._computing += len(items)
         try:
             results = await asyncio.to_thread(self._engine.transcribe_windows, windows)
@@ -162,6 +164,7 @@ class ASRDeployment:
             self._metrics.asr_real_time_factor.set(audio_s / compute_s)
         self._batches.append({"batch_size": len(items), "requests": requests,
                               "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3),
+                              "queued_s": round(queued_s, 3),
                               "windows": [[item.tag, item.window.index] for item in items]})
         log.info("asr batch", extra={"batch_size": len(items), "requests": requests,
                                      "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3)})

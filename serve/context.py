@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -85,19 +86,26 @@ class Services:
         check_model(params.model, info["id"])
         pipeline = await self.models.pipeline(queue_timeout_s=self.config.queue_timeout_s,
                                               windows_in_flight=windows_in_flight,
-                                              tag=request_id(request.scope))
+                                              tag=request_id(request.scope),
+                                              on_stage=metrics.observe_stage)
         pipeline.check(params.request)
+        t0 = time.perf_counter()
         stored = await save_upload(upload, max_bytes=self.config.max_upload_bytes,
                                    base_path=self.config.storage_base_path)
+        metrics.observe_stage("store", time.perf_counter() - t0)
         metrics.UPLOAD_BYTES.inc(stored.size)
         return pipeline, stored
 
     async def _record(self, request: Request, upload: UploadFile, params: TranscriptionParams,
                       stored: StoredAudio, transcript: Transcript) -> bool:
         """Keep the finished request as a succeeded job; True when that job now holds the audio."""
-        return await asyncio.to_thread(
-            job_records.record_sync_request, request=request, stored=stored,
-            options=params.stored_options(), transcript=transcript, filename=upload.filename)
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.to_thread(
+                job_records.record_sync_request, request=request, stored=stored,
+                options=params.stored_options(), transcript=transcript, filename=upload.filename)
+        finally:
+            metrics.observe_stage("record", time.perf_counter() - t0)
 
     async def transcribe_upload(self, request: Request, upload: UploadFile,
                                 params: TranscriptionParams) -> Transcript:

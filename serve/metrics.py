@@ -36,6 +36,8 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+                   30.0, 60.0, 300.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 GAUGE_REFRESH_S = 5.0
 """How often a replica re-reports its gauges (half Ray's default 10 s report interval)."""
@@ -47,6 +49,18 @@ HTTP_REQUESTS = Counter(
 HTTP_REQUEST_DURATION = Histogram(
     "speech_http_request_duration_seconds", "Time from request to the last response byte.",
     ["route", "method"], buckets=LATENCY_BUCKETS_S)
+REQUEST_STAGE_DURATION = Histogram(
+    "speech_request_stage_seconds",
+    "Where a synchronous request's time goes: store (upload to disk), decode, plan (VAD), asr "
+    "(first window sent to last result, model queue included), diarize (beside asr), assemble "
+    "(stitch + speakers), record (the finished request kept as a job).",
+    ["stage"], buckets=STAGE_BUCKETS_S)
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    REQUEST_STAGE_DURATION.labels(stage=stage).observe(seconds)
+
+
 UPLOAD_BYTES = Counter("speech_upload_bytes", "Bytes of audio accepted in uploads.")
 JOBS = Gauge("speech_jobs", "Jobs by status.", ["status"])
 JOB_QUEUE_DEPTH = Gauge("speech_job_queue_depth", "Jobs queued and not yet claimed.")

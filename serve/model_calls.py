@@ -18,7 +18,7 @@ import numpy as np
 from serve.errors import ApiError, OverloadedError, ReplicaUnavailableError, unwrap
 from speech.audio import AudioLimits
 from speech.errors import SpeechError
-from speech.pipeline import TranscriptionPipeline
+from speech.pipeline import OnStage, TranscriptionPipeline
 from speech.request import Capabilities, SpeakerHints
 from speech.types import SpeakerTurn, Window, WindowResult
 from speech.windowing import WindowPlanner
@@ -170,7 +170,8 @@ class ModelCalls:
 
     async def pipeline(self, *, queue_timeout_s: float | None = None,
                        windows_in_flight: int = WINDOWS_IN_FLIGHT,
-                       tag: str | None = None) -> TranscriptionPipeline:
+                       tag: str | None = None,
+                       on_stage: OnStage | None = None) -> TranscriptionPipeline:
         """The one sequence on these handles. `queue_timeout_s` (synchronous requests): shed a
         call that no replica takes in time instead of holding the caller. `windows_in_flight`:
         fewer for a streamed request, so its first windows finish (and are sent) first."""
@@ -180,5 +181,5 @@ class ModelCalls:
         opts = {"retry_after_s": self.retry_after_s, "queue_timeout_s": queue_timeout_s}
         diarizer = HandleDiarizer(self.diarizer, **opts) if self.diarizer is not None else None
         asr = HandleAsr(self.asr, **opts, max_in_flight=windows_in_flight, tag=tag)
-        return TranscriptionPipeline(asr, caps, diarizer=diarizer,
-                                     limits=self.limits, planner=self._planner)
+        return TranscriptionPipeline(asr, caps, diarizer=diarizer, limits=self.limits,
+                                     planner=self._planner, on_stage=on_stage)

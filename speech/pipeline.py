@@ -13,7 +13,8 @@ and streamed text build on that, not only on the finished Transcript.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -86,6 +87,12 @@ class WindowDone:
 
 OnWindow = Callable[[WindowDone], None]
 
+STAGES = ("decode", "plan", "asr", "diarize", "assemble")
+OnStage = Callable[[str, float], None]
+"""(stage, seconds) for each of STAGES a call ran: where a request's time goes. `asr` runs from
+the first window sent to the last result back (model queue included); `diarize` runs beside it,
+from its start to its turns."""
+
 
 def assemble(request: TranscriptionRequest, duration_s: float, windows: Sequence[Window],
              results: Sequence[WindowResult], turns: list[SpeakerTurn] | None) -> Transcript:
@@ -101,12 +108,13 @@ class TranscriptionPipeline:
 
     def __init__(self, asr: AsrModel, capabilities: Capabilities, *,
                  diarizer: Diarizer | None = None, limits: AudioLimits = AudioLimits(),
-                 planner: WindowPlanner | None = None) -> None:
+                 planner: WindowPlanner | None = None, on_stage: OnStage | None = None) -> None:
         self.asr = asr
         self.diarizer = diarizer
         self.capabilities = capabilities
         self.limits = limits
         self.planner = planner or WindowPlanner(capabilities.vad)
+        self.on_stage = on_stage
 
     @classmethod
     def local(cls, engine: WhisperEngine, diarizer: DiarizationEngine | None = None, *,
@@ -136,9 +144,13 @@ class TranscriptionPipeline:
                        on_window: OnWindow | None = None) -> list[Transcript]:
         """Several recordings with the same request; their windows share model batches."""
         self.check(request)
+        t0 = time.perf_counter()
         audios = [s if isinstance(s, np.ndarray) else await asyncio.to_thread(self.load, s)
                   for s in sources]
+        if any(not isinstance(s, np.ndarray) for s in sources):  # streaming decodes before
+            t0 = self._stage("decode", t0)
         plans = [await asyncio.to_thread(self.planner.plan, a, request.asr_options) for a in audios]
+        t0 = self._stage("plan", t0)
         diarizing = [self._diarize(request, a) for a in audios] if request.diarize else []
         try:
             flat = [(k, i, w) for k, ws in enumerate(plans) for i, w in enumerate(ws)]
@@ -147,17 +159,34 @@ class TranscriptionPipeline:
                 results[k][i] = result
                 if on_window is not None:
                     on_window(WindowDone(k, i, len(plans[k]), window, result))
+            self._stage("asr", t0)
             turns = [await t for t in diarizing] if diarizing else [None] * len(audios)
         finally:
             for task in diarizing:
                 task.cancel()
-        return [assemble(request, len(a) / SAMPLE_RATE, ws, rs, t)  # type: ignore[arg-type]
-                for a, ws, rs, t in zip(audios, plans, results, turns, strict=True)]
+        t0 = time.perf_counter()
+        transcripts = [assemble(request, len(a) / SAMPLE_RATE, ws, rs, t)  # type: ignore[arg-type]
+                       for a, ws, rs, t in zip(audios, plans, results, turns, strict=True)]
+        self._stage("assemble", t0)
+        return transcripts
+
+    def _stage(self, name: str, since: float) -> float:
+        """Report a stage that ran from `since` until now; returns now."""
+        now = time.perf_counter()
+        if self.on_stage is not None:
+            self.on_stage(name, now - since)
+        return now
 
     def _diarize(self, request: TranscriptionRequest, audio: np.ndarray) -> asyncio.Task[list[SpeakerTurn]]:
         if self.diarizer is None:  # check() refuses this first; kept for a clear failure
             raise RuntimeError("diarization requested from a pipeline without a diarizer")
-        return asyncio.ensure_future(self.diarizer.diarize(audio, request.speakers))
+        return asyncio.ensure_future(self._timed("diarize", self.diarizer.diarize(audio, request.speakers)))
+
+    async def _timed(self, name: str, work: Awaitable[list[SpeakerTurn]]) -> list[SpeakerTurn]:
+        t0 = time.perf_counter()
+        out = await work
+        self._stage(name, t0)
+        return out
 
     async def _decode(self, items: list[tuple[int, int, Window]]
                       ) -> AsyncIterator[tuple[tuple[int, int, Window], WindowResult]]:
