@@ -13,6 +13,9 @@ FROM ${RAY_IMAGE}
 
 # The base image's user `ray` (uid 1000, gid 100 `users`) owns the Python environment; stay non-root.
 USER 1000:100
+# Made by that user: a WORKDIR that does not exist yet is created root-owned by every builder but
+# BuildKit (the classic builder, kaniko, buildah), and `pip install .` writes into it.
+RUN mkdir -p /home/ray/app
 WORKDIR /home/ray/app
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

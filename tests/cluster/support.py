@@ -15,7 +15,10 @@ proxy) is 127.0.0.1.
 `RAY_AUTH_MODE=disabled` is set explicitly in every environment (Ray 2.60 turns token auth on by
 default). A node is stopped with SIGTERM to its `ray start --block` process (which stops the
 node's processes), then every process of the node recorded while it ran is checked gone; one that
-survived is killed by its PID and reported, so a leak fails the test that caused it.
+survived is killed by its PID and reported, so a leak fails the test that caused it. A node
+*lost* (`RayNode.lose`, the node-loss test) has every process SIGKILLed at once instead, as a
+machine that vanishes. `HttpLoad` is the synchronous-transcription load those tests put on the
+service while they do it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -103,6 +108,29 @@ class RayNode:
                 self.proc.kill()
                 self.proc.wait()
         return reap(self.pids, timeout=30)
+
+    def lose(self) -> list[int]:
+        """The node lost as a machine is lost (power cut, kernel panic, a VM preempted without
+        notice): every process of it stopped (SIGSTOP), then all SIGKILLed, so none of them sees
+        another die and tells the GCS anything. Returns the PIDs killed; `reap` confirms them gone."""
+        stopped: dict[int, psutil.Process] = {}
+        for _ in range(3):  # again: a process forked while the others were being stopped
+            self.record()
+            for pid in [self.proc.pid, *self.pids]:
+                if pid not in stopped:
+                    try:
+                        p = psutil.Process(pid)
+                        p.suspend()
+                        stopped[pid] = p
+                    except psutil.NoSuchProcess:
+                        pass
+        for p in stopped.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+        return sorted(stopped)
 
 
 def reap(pids: set[int], timeout: float = 30) -> list[str]:
@@ -183,3 +211,100 @@ def private_tmp(prefix: str) -> Path:
 
 def remove_tmp(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Answer:
+    """One synchronous request and how it ended (status None: no answer within its timeout)."""
+
+    name: str
+    started: float
+    ended: float
+    status: int | None
+    retry_after: str | None = None
+    error: str | None = None
+    body: Any = None
+
+    def __str__(self) -> str:
+        return (f"{self.name}: {self.status} retry_after={self.retry_after} "
+                f"after {self.ended - self.started:.1f} s {self.error or ''}{'' if self.status == 200 else self.body}")
+
+
+class HttpLoad:
+    """Threads sending synchronous transcriptions (POST /v1/audio/transcriptions) back to back
+    until stopped; after a 503 a thread waits its Retry-After (at most 2 s), as a polite client.
+    Every request has a client timeout (`timeout_s`); one not answered within it is an Answer
+    with status None."""
+
+    def __init__(self, url: str, headers: dict[str, str], files: list[Path], tag: str,
+                 threads: int = 2, timeout_s: float = 300.0) -> None:
+        self.url, self.headers, self.files, self.tag, self.timeout_s = url, headers, files, tag, timeout_s
+        self.answers: list[Answer] = []
+        self._in_flight: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._count = 0
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> HttpLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self, index: int) -> None:
+        with httpx.Client() as client:
+            while not self._stop.is_set():
+                with self._lock:
+                    n = self._count
+                    self._count += 1
+                    self._in_flight[index] = time.monotonic()
+                audio = self.files[n % len(self.files)]
+                name = f"{self.tag}-{n:04d}{audio.suffix}"
+                started = time.monotonic()
+                try:
+                    r = client.post(self.url + "/v1/audio/transcriptions", headers=self.headers,
+                                    data={"model": "whisper-1", "response_format": "json"},
+                                    files={"file": (name, audio.read_bytes())}, timeout=self.timeout_s)
+                    try:
+                        body = r.json()
+                    except ValueError:
+                        body = r.text[:300]
+                    out = Answer(name, started, time.monotonic(), r.status_code, r.headers.get("retry-after"),
+                                 body=body)
+                except httpx.HTTPError as exc:
+                    out = Answer(name, started, time.monotonic(), None, error=f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self._in_flight.pop(index, None)
+                    self.answers.append(out)
+                if out.status == 503:
+                    self._stop.wait(min(float(out.retry_after or 1), 2.0))
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def ok_since(self, t: float) -> int:
+        """Requests sent at or after monotonic time `t` and answered 200."""
+        with self._lock:
+            return sum(1 for a in self.answers if a.status == 200 and a.started >= t)
+
+    def spanning(self, t: float) -> list[Answer]:
+        """Requests that were in flight at monotonic time `t`."""
+        with self._lock:
+            return [a for a in self.answers if a.started < t < a.ended]
+
+    def stop(self) -> list[Answer]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 30)
+        return self.answers
+
+
+def badly_answered(answers: list[Answer]) -> list[str]:
+    """Answers other than 200 and 503-with-Retry-After: no answer, another 5xx, a 4xx, a 503
+    without Retry-After."""
+    return [str(a) for a in answers
+            if not (a.status == 200 or (a.status == 503 and a.retry_after))]

@@ -9,7 +9,8 @@ One cluster for the module, all nodes on this machine and on 127.0.0.1 (tests/cl
 `serve_config.gpu.yaml` is deployed with `serve deploy` against the head's dashboard, changed
 only as CHANGES lists. Then: placement through Ray's state API, the dashboard's Serve REST API,
 requests through the head's proxy, and the bulk pipeline through `ray job submit` / `status` /
-`logs` / `stop` exactly as the README shows it.
+`logs` / `stop` exactly as the README shows it. Last, a GPU worker is lost under load and comes
+back (it runs last: it changes which replicas live where).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import pytest
 import yaml
 
 from speech.evaluation import word_error_rate
-from tests.cluster.support import (BIN, REPO, RayNode, base_env, dashboard_up, figure, private_tmp, remove_tmp,
-                                   start_node, wait_for)
-from tests.serve.support import JFK, create_local_key, free_port, reference
+from tests.cluster.support import (BIN, REPO, HttpLoad, RayNode, badly_answered, base_env, dashboard_up, figure,
+                                   private_tmp, reap, remove_tmp, start_node, wait_for)
+from tests.reliability.support import Ledger
+from tests.serve.support import JFK, LIBRI, create_local_key, free_port, reference
 
 pytestmark = pytest.mark.cluster
 
@@ -345,3 +347,232 @@ def test_ray_job_stop_leaves_a_state_the_next_submission_completes(cluster: Clus
     figure("ray job stop / resume", f"first record after {t_first:.1f} s; stopped with {len(before)}/{len(STOP_CLIPS)} "
                                     f"files done; the resubmission skipped {skipped.group(1)} and finished the rest "
                                     f"in {took:.1f} s; every file once in the output")
+
+
+# ------------------------------------------------------------------------------ node loss
+LOSS_JOBS_BEFORE = ["conv2spk.flac", "conv3spk.flac", "jfk.flac", "leopard.wav"]
+"""Jobs queued before the node is lost (the long ones first: one is running at the loss)."""
+LOSS_JOBS_DURING = ["cards-001.wav", "LJ002-0035.wav"]
+"""Jobs submitted while the node is gone."""
+LOSS_REQUEST_TIMEOUT_S = 300.0
+"""A synchronous request not answered within this is a request without an answer."""
+WANT_REPLICAS = {"Ingress": 1, "ASRDeployment": 2, "DiarizationDeployment": 2, "JobRunnerDeployment": 1}
+
+
+def _handles_to_node_ids(cluster: Cluster) -> tuple[dict[str, str], list]:
+    """Each node handle's Ray node id (through the PIDs of the actors on it), and the live actors."""
+    from ray.util.state import list_actors
+
+    for node in cluster.nodes.values():
+        node.record()
+    actors = list_actors(address=cluster.dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    ids = {}
+    for a in actors:
+        for name, node in cluster.nodes.items():
+            if a.pid in node.pids:
+                ids[name] = a.node_id
+    return ids, actors
+
+
+def _submit_job(cluster: Cluster, client: httpx.Client, audio: Path, key: str, ledger: Ledger,
+                deadline_s: float = 300) -> str:
+    """POST /v1/jobs until accepted: sent again after each 503's Retry-After with the same
+    Idempotency-Key (so a retry never makes a second job), as a client would; returns the job id."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            r = client.post(cluster.http + "/v1/jobs", files={"file": (audio.name, audio.read_bytes())},
+                            headers={"Authorization": f"Bearer {cluster.api_key}", "Idempotency-Key": key},
+                            timeout=LOSS_REQUEST_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            ledger.request(None)
+            raise AssertionError(f"job {key}: no answer: {exc!r}") from exc
+        ledger.request(r.status_code)
+        if r.status_code in (200, 202):
+            return r.json()["id"]
+        assert r.status_code == 503 and r.headers.get("retry-after"), f"job {key} refused: {r.status_code} {r.text}"
+        assert time.monotonic() < deadline, f"job {key} not accepted within {deadline_s:g} s: {r.text}"
+        time.sleep(min(float(r.headers["retry-after"]), 3.0))
+
+
+class JobsDb:
+    """The tests' own view of the service's database (the embedded SQLite file in storage)."""
+
+    def __init__(self, storage: Path) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(f"sqlite:///{storage / 'service.db'}")
+
+    def rows(self, sql: str, **params: object) -> list:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return list(conn.execute(text(sql), params))
+
+    def jobs(self, key_prefix: str) -> list:
+        return self.rows("SELECT id, status, attempts, error, idempotency_key FROM jobs "
+                         "WHERE idempotency_key LIKE :p", p=f"{key_prefix}-%")
+
+    def one_transcript(self, job_id: str) -> bool:
+        """Exactly one transcript: indices 0..n-1 once each, times never going back (as the
+        reliability suite checks: a second copy appended would restart at 0 or repeat an index)."""
+        segs = self.rows('SELECT idx, start FROM segments WHERE job_id = :j ORDER BY idx, id', j=job_id)
+        return bool(segs) and [s.idx for s in segs] == list(range(len(segs))) and all(
+            b.start >= a.start for a, b in zip(segs, segs[1:]))
+
+    def sync_records(self, prefix: str) -> Counter:
+        return Counter(r.filename for r in self.rows(
+            "SELECT filename FROM jobs WHERE source = 'sync' AND filename LIKE :p", p=f"{prefix}-%"))
+
+
+def _serve_back(cluster: Cluster) -> dict | None:
+    """The application RUNNING with every deployment HEALTHY, exactly its replicas RUNNING, all on
+    live nodes; None until then."""
+    r = httpx.get(cluster.dashboard + "/api/serve/applications/", timeout=30)
+    app = (r.json().get("applications") or {}).get("speech") or {}
+    if app.get("status") != "RUNNING":
+        return None
+    alive = {n.node_id for n in alive_nodes(cluster)}
+    for name, want in WANT_REPLICAS.items():
+        d = app["deployments"][name]
+        states = Counter(rep["state"] for rep in d["replicas"])
+        if (d["status"] != "HEALTHY" or states != Counter({"RUNNING": want})
+                or any(rep["node_id"] not in alive for rep in d["replicas"])):
+            return None
+    return app
+
+
+def _logged(cluster: Cluster, msg: str) -> int:
+    """How many times the replicas logged `msg` (their stderr: worker-*.err of the cluster's one
+    session folder, which every node on this machine shares)."""
+    return sum(path.read_text(errors="replace").count(msg)
+               for path in cluster.tmp.glob("ray/session_*/logs/worker-*.err"))
+
+
+def test_gpu_worker_lost_under_load_comes_back_and_every_job_finishes_once(cluster: Cluster) -> None:
+    """A GPU worker lost as a machine is lost: every process of the node SIGKILLed at once
+    (RayNode.lose), not SIGTERM. SIGTERM to `ray start --block` is `ray stop`: the raylet
+    unregisters and the GCS knows at once, a planned drain. A lost machine says nothing: the GCS
+    finds out by its failed health checks, calls to its replicas fail mid-flight, a job's runner
+    on it never hands the job back. Then the node is started again with the same arguments (a new
+    raylet, as a replaced machine).
+
+    The node lost is gpu-1 unless the Ingress replica happens to live there (Serve spreads
+    replicas over the nodes); then it is gpu-0. A lost Ingress takes the requests inside it with
+    it (Serve's proxy answers them 500 itself; tests/reliability/test_faults.py covers that case);
+    this test is about the model replicas and the job runner on a GPU worker.
+
+    Under load (two threads of synchronous transcriptions; jobs POSTed before and during the
+    outage) every synchronous answer is 200 or 503 with Retry-After (none unanswered within its
+    timeout, no other status); every job succeeds exactly once (one row per Idempotency-Key, one
+    transcript each, as the reliability suite checks them); every 200 is recorded once; the
+    application is RUNNING again with all its replicas on live nodes."""
+    ledger = Ledger()
+    ids, actors = _handles_to_node_ids(cluster)
+    ingress_node = next(a.node_id for a in actors if a.class_name.endswith("Ingress"))
+    victim = "gpu-1" if ids.get("gpu-1") != ingress_node else "gpu-0"
+    victim_id = ids[victim]
+    on_victim = Counter(a.class_name.split(":")[-1] for a in actors if a.node_id == victim_id)
+    db = JobsDb(cluster.storage)
+    tag = f"loss-{int(time.time())}"
+    files = {name: REPO / "tests" / "data" / clip for name, clip in CLIPS.items()}
+    headers = {"Authorization": f"Bearer {cluster.api_key}"}
+    client = httpx.Client()
+    marks: dict[str, float] = {}
+    try:
+        ids_jobs = [_submit_job(cluster, client, files[n], f"{tag}-{i}", ledger) for i, n in enumerate(LOSS_JOBS_BEFORE)]
+        with HttpLoad(cluster.http, headers, [JFK, LIBRI], tag, threads=2, timeout_s=LOSS_REQUEST_TIMEOUT_S) as load:
+            wait_for("a job running", lambda: any(j.status == "running" for j in db.jobs(tag)), 300, every=0.5)
+            wait_for("a synchronous answer", lambda: load.ok_since(0) >= 1, 300)
+            wait_for("a synchronous request in flight", lambda: load.in_flight() > 0, 60, every=0.1)
+            t0 = time.monotonic()
+            at_loss = Counter(j.status for j in db.jobs(tag))
+            killed = cluster.nodes[victim].lose()
+            ledger.fault(f"{victim} lost (every process SIGKILLed)")
+            t_loss = time.monotonic()
+            marks["killed"] = t_loss - t0
+            survivors = reap(set(killed), timeout=30)
+            assert not survivors, f"processes of the lost node survived SIGKILL: {survivors}"
+
+            def declared_dead() -> bool:
+                from ray.util.state import list_nodes
+
+                return any(n.node_id == victim_id and n.state == "DEAD" for n in list_nodes(address=cluster.dashboard))
+
+            wait_for("the GCS to declare the node dead", declared_dead, 180)
+            marks["declared DEAD by the GCS"] = time.monotonic() - t0
+            ids_jobs += [_submit_job(cluster, client, files[n], f"{tag}-{len(LOSS_JOBS_BEFORE) + i}", ledger)
+                         for i, n in enumerate(LOSS_JOBS_DURING)]
+            dead_at = time.monotonic()
+            wait_for("synchronous requests answered 200 without the node", lambda: load.ok_since(dead_at) >= 2, 300)
+            marks["2 requests answered 200 without it"] = time.monotonic() - t0
+
+            cluster.nodes[victim] = start_node(victim, cluster.tmp, cluster.env, head=False, address=cluster.gcs,
+                                               num_cpus=8, num_gpus=1)
+            marks["started again (`ray start`)"] = time.monotonic() - t0
+            wait_for("4 alive nodes again", lambda: len(alive_nodes(cluster)) == 4 and cluster.nodes[victim].alive(),
+                     180, every=2)
+            marks["ALIVE again"] = time.monotonic() - t0
+            at_return = Counter(j.status for j in db.jobs(tag))
+            app = wait_for("the application RUNNING with all its replicas", lambda: _serve_back(cluster), 600, every=3)
+            marks["application RUNNING, every replica RUNNING"] = time.monotonic() - t0
+            back = time.monotonic()
+            wait_for("synchronous requests answered 200 after the recovery", lambda: load.ok_since(back) >= 2, 300)
+        answers = load.stop()
+        in_flight_at_loss = Counter(a.status for a in load.spanning(t_loss))
+        during = Counter(a.status for a in answers if t_loss <= a.started < back)
+
+        def settled() -> bool:
+            return all(j.status in ("succeeded", "failed", "cancelled") for j in db.jobs(tag))
+
+        try:
+            wait_for("every job finished", settled, 600, every=1)
+        except AssertionError:
+            pass  # counted as lost below
+        marks["every job finished"] = time.monotonic() - t0
+        jobs = {j.id: j for j in db.jobs(tag)}
+    finally:
+        client.close()
+    for a in answers:
+        ledger.request(a.status)
+    lost = [i for i in ids_jobs if i not in jobs or jobs[i].status not in ("succeeded", "failed", "cancelled")]
+    succeeded = [i for i in ids_jobs if i in jobs and jobs[i].status == "succeeded"]
+    failed = [i for i in ids_jobs if i in jobs and jobs[i].status == "failed"]
+    duplicated = [i for i in succeeded if not db.one_transcript(i)]
+    per_key = Counter(j.idempotency_key for j in jobs.values())
+    extra = sum(n - 1 for n in per_key.values() if n > 1) + max(0, len(jobs) - len(ids_jobs))
+    ledger.jobs(sent=len(ids_jobs), succeeded=len(succeeded), failed=len(failed), lost=len(lost),
+                duplicated=len(duplicated) + extra)
+    records = db.sync_records(tag)
+    ok_names = {a.name for a in answers if a.status == 200}
+    twice = {n: k for n, k in records.items() if k > 1}
+    unrecorded = ok_names - set(records)
+    refused_but_recorded = {a.name for a in answers if a.status != 200} & set(records)
+    db.engine.dispose()
+
+    resent = _logged(cluster, "replica lost during a call; sending it again")
+    ids_after, actors_after = _handles_to_node_ids(cluster)
+    role = {nid: name for name, nid in ids_after.items()}
+    placed = Counter((a.class_name.split(":")[-1], role.get(a.node_id, "?")) for a in actors_after
+                     if a.class_name.split(":")[-1] in ("ASRDeployment", "DiarizationDeployment", "JobRunnerDeployment",
+                                                        "Ingress"))
+    table = [line for line in ledger.table().splitlines()[2:] if not line.startswith("bad inputs")]
+    figure("node loss (a GPU worker SIGKILLed under load, then started again)",
+           "\n".join(table)
+           + f"\nlost node: {victim} ({victim_id[:8]}), {len(killed)} processes; its actors: {dict(on_victim)}"
+           + f"\njobs at the loss: {dict(at_loss)}; when it was back: {dict(at_return)}; attempts per job after: "
+           + f"{[jobs[i].attempts if i in jobs else None for i in ids_jobs]}"
+           + f"\nsynchronous answers from the loss to the recovery: {dict(during)}; those in flight at the "
+           + f"loss: {dict(in_flight_at_loss)}; model calls the ingress and the runner sent again after "
+           + f"losing their replica: {resent}"
+           + "\nsince the loss:\n" + "\n".join(f"  {t:>7.1f} s  {what}" for what, t in marks.items())
+           + "\nreplicas after: " + ", ".join(f"{cls} on {where}: {n}" for (cls, where), n in sorted(placed.items())))
+
+    bad = badly_answered(answers)
+    assert not bad, "badly answered synchronous requests:\n" + "\n".join(bad[:20])
+    assert not lost, "jobs lost: " + ", ".join(f"{i}={jobs[i].status if i in jobs else 'missing'}" for i in lost)
+    assert not duplicated and not extra, f"duplicated: {duplicated}, jobs per key: {per_key}"
+    assert not failed, "jobs failed: " + "; ".join(f"{i}: {jobs[i].error}" for i in failed)
+    assert not twice and not unrecorded and not refused_but_recorded, (twice, sorted(unrecorded)[:5],
+                                                                      sorted(refused_but_recorded)[:5])
+    assert app["status"] == "RUNNING", app
