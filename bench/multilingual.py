@@ -11,7 +11,7 @@ Normalisation: English through speech.evaluation (Whisper's English normaliser),
 French through a plain one (NFC, lower case, every punctuation mark, apostrophes and hyphens
 included, replaced by a space), the same for references and both engines' output.
 
-Usage: .venv/bin/python bench/multilingual.py [--no-translate] [--fp32-encoder] [--vad energy|silero|none]
+Usage: .venv/bin/python bench/multilingual.py [--no-translate] [--int8] [--vad energy|silero|none]
        [--langs de,fr,en] [--skip-fw]
 Ends with: RESULT lid=<correct>/<n> lid_fw=<correct>/<n> wer=<f> wer_fw=<f>  (pooled over languages)
 """
@@ -87,20 +87,11 @@ class _WholeAudio:
 
 
 def our_engine(args: argparse.Namespace):
-    import torch
-
     from speech.asr import WhisperEngine
 
-    engine = WhisperEngine("base", vad=None if args.vad in (None, "none") else args.vad)
-    if args.fp32_encoder:
-        real = torch.ao.quantization.quantize_dynamic
-        torch.ao.quantization.quantize_dynamic = lambda model, *a, **k: model
-        try:
-            engine.load()
-        finally:
-            torch.ao.quantization.quantize_dynamic = real
-    else:
-        engine.load()
+    engine = WhisperEngine("base", vad=None if args.vad in (None, "none") else args.vad,
+                           quantize=args.int8)
+    engine.load()
     if args.vad == "none":
         engine.planner.vad = _WholeAudio()
     return engine
@@ -126,7 +117,8 @@ def main() -> None:
     parser.add_argument("--langs", default="de,fr,en")
     parser.add_argument("--no-translate", action="store_true")
     parser.add_argument("--skip-fw", action="store_true")
-    parser.add_argument("--fp32-encoder", action="store_true", help="experiment: skip the encoder's dynamic int8")
+    parser.add_argument("--int8", action="store_true",
+                        help="this engine with its opt-in dynamic int8 (quantize=True), for comparison")
     parser.add_argument("--vad", default=None, choices=("energy", "silero", "none"))
     parser.add_argument("--show", action="store_true", help="print every hypothesis")
     args = parser.parse_args()

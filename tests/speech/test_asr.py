@@ -21,7 +21,11 @@ def test_jfk_is_transcribed_word_for_word(tiny_engine, decode, speech_data_dir):
     assert transcript.duration == pytest.approx(11.0, abs=0.01)
 
 
-def test_word_error_rate_within_one_point_of_faster_whisper_beam5(tiny_engine, decode, speech_data_dir):
+@pytest.mark.parametrize("beam_size", [1, 5], ids=["greedy", "beam5"])
+def test_word_error_rate_within_one_point_of_faster_whisper_decoding_the_same_way(
+        tiny_engine, decode, speech_data_dir, beam_size):
+    """Against faster-whisper on the same weights (CTranslate2, int8), greedy against greedy and
+    beam 5 against beam 5: the decoding, not the search, is what is compared."""
     from faster_whisper import WhisperModel
 
     from speech.model_store import ct2_source_dir
@@ -29,12 +33,12 @@ def test_word_error_rate_within_one_point_of_faster_whisper_beam5(tiny_engine, d
     clips = reference_clips(speech_data_dir)
     assert len(clips) >= 15
     audios = [decode(c.path) for c in clips]
-    ours = [t.text for t in tiny_engine.transcribe(audios, EN)]
+    ours = [t.text for t in tiny_engine.transcribe(audios, TranscribeOptions(language="en", beam_size=beam_size))]
     fw = WhisperModel(str(ct2_source_dir("tiny.en", tiny_engine.cache_dir)), device="cpu", compute_type="int8")
-    theirs = ["".join(s.text for s in fw.transcribe(a, beam_size=5, language="en")[0]) for a in audios]
+    theirs = ["".join(s.text for s in fw.transcribe(a, beam_size=beam_size, language="en")[0]) for a in audios]
     refs = [c.reference for c in clips]
     our_wer, their_wer = word_error_rate(refs, ours), word_error_rate(refs, theirs)
-    print(f"WER engine={our_wer:.4f} faster-whisper beam5={their_wer:.4f}")
+    print(f"WER beam {beam_size}: engine={our_wer:.4f} faster-whisper={their_wer:.4f}")
     assert our_wer <= their_wer + 0.01, (our_wer, their_wer, list(zip(refs, ours)))
 
 
