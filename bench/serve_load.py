@@ -210,6 +210,8 @@ def where_time_goes(url: str, before: dict[str, tuple[float, float]], batches: l
         compute = statistics.fmean(b["compute_s"] for b in batches)
         parts.append(f"| replica: queued {1000 * queued:.0f}, compute/batch {1000 * compute:.0f}, "
                      f"model busy {busy:.0%}")
+        sizes = " ".join(str(b["batch_size"]) for b in batches)
+        return "    ms per request: " + ", ".join(parts) + f"\n    batches in order: {sizes}"
     return "    ms per request: " + ", ".join(parts)
 
 

@@ -8,9 +8,17 @@ on the ASR replica (bench/serve_load.py, 16 clients, 2 cores): mean batch 3.0 of
 queued 9 s on average and the model 99 % busy, i.e. the queue was full and the batches small.
 
 Here one loop takes a batch, runs it to the end, and only then takes the next: the windows that
-arrived during a computation are all waiting, and go together (up to `max_batch_size`). When the
-model is idle, a first item waits at most `batch_wait_timeout_s` (counted from its arrival) for
-company, as with Serve's decorator. Nothing here knows Ray; the replica owns the instance.
+arrived during a computation are all waiting, and go together (up to `max_batch_size`).
+
+How long a batch waits for company follows the recent demand, not a fixed timer. After each
+batch the batcher remembers how many items were in play during it (the batch plus what queued
+meanwhile); the next batch waits, at most `batch_wait_timeout_s`, until that many are there. The
+callers of the batch that just finished send their next windows within a moment (their HTTP
+round trip), and without the wait the model would take the others alone and split one group of
+callers into two batches for good (measured at 16 clients: "1 16 2 14 2 14 2"). A lone caller
+(demand 1) never waits; the first item on an idle replica neither.
+
+Nothing here knows Ray; the replica owns the instance.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -29,7 +37,6 @@ Result = TypeVar("Result")
 class _Pending(Generic[Item, Result]):
     item: Item
     future: asyncio.Future[Result]
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -48,6 +55,9 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue: list[_Pending[Item, Result]] = []
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self.demand = 1
+        """Items in play during the last batch (its own plus those that queued meanwhile): how
+        many the next batch waits for, up to `batch_wait_timeout_s`."""
 
     def configure(self, *, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         """New limits, from the next batch on."""
@@ -80,8 +90,8 @@ class MicroBatcher(Generic[Item, Result]):
                 await self._run_batch(batch)
 
     async def _next_batch(self) -> list[_Pending[Item, Result]]:
-        """Wait for a first item, then until the batch is full or the first item has waited
-        `batch_wait_timeout_s`; take what is there."""
+        """Wait for a first item, then until `demand` items are there (at most the batch size)
+        or `batch_wait_timeout_s` has passed; take what is there, up to the batch size."""
         assert self._arrived is not None
         while True:
             self._queue = [p for p in self._queue if not p.future.done()]  # callers gone
@@ -89,8 +99,8 @@ class MicroBatcher(Generic[Item, Result]):
                 break
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = self._queue[0].arrived + self.batch_wait_timeout_s
-        while len(self._queue) < self.max_batch_size:
+        deadline = time.monotonic() + self.batch_wait_timeout_s
+        while len(self._queue) < min(self.demand, self.max_batch_size):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -109,10 +119,12 @@ class MicroBatcher(Generic[Item, Result]):
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} gave {len(results)} results")
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+            self.demand = 1
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        self.demand = len(batch) + self.waiting
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)

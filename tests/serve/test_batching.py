@@ -85,22 +85,50 @@ def test_an_idle_model_takes_a_full_batch_without_waiting_out_the_timeout() -> N
     assert run(scenario()) == [["x", "y", "z"]]
 
 
-def test_an_idle_model_waits_for_company_up_to_the_timeout() -> None:
+def test_a_lone_caller_never_waits_for_company() -> None:
     async def scenario() -> list[list[str]]:
         model = Model()
         batcher = MicroBatcher(model, max_batch_size=16, batch_wait_timeout_s=3600)
-        first = asyncio.ensure_future(batcher.submit("p"))
-        await asyncio.sleep(0.05)
-        assert not model.batches  # a lone item waits for others ...
-        batcher.configure(max_batch_size=2, batch_wait_timeout_s=3600)
-        second = asyncio.ensure_future(batcher.submit("q"))  # ... and goes once the batch is full
-        await asyncio.gather(first, second)
-        alone = asyncio.ensure_future(MicroBatcher(model, max_batch_size=16,
-                                                   batch_wait_timeout_s=0).submit("r"))
-        await alone  # with no wait, at once
+        for x in "pqr":  # one after another, as one client: each goes at once
+            await batcher.submit(x)
         return model.batches
 
-    assert run(scenario()) == [["p", "q"], ["r"]]
+    assert run(scenario()) == [["p"], ["q"], ["r"]]
+
+
+def test_the_next_batch_waits_for_as_many_as_were_in_play_during_the_last() -> None:
+    async def scenario() -> list[list[str]]:
+        model = Model(hold_first=True)
+        batcher = MicroBatcher(model, max_batch_size=16, batch_wait_timeout_s=3600)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await model.started.wait()
+        queued = [asyncio.ensure_future(batcher.submit(x)) for x in "bc"]
+        await asyncio.sleep(0)
+        model.release.set()
+        assert await first == "A"  # 3 were in play during that batch: a, b and c ...
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert model.batches == [["a"]]  # ... so b and c wait for a third
+        returning = asyncio.ensure_future(batcher.submit("a2"))  # a's caller, back with its next
+        await asyncio.gather(returning, *queued)
+        return model.batches
+
+    assert run(scenario()) == [["a"], ["b", "c", "a2"]]
+
+
+def test_waiting_for_company_ends_at_the_timeout() -> None:
+    async def scenario() -> list[list[str]]:
+        model = Model(hold_first=True)
+        batcher = MicroBatcher(model, max_batch_size=16, batch_wait_timeout_s=0.05)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await model.started.wait()
+        later = asyncio.ensure_future(batcher.submit("b"))
+        await asyncio.sleep(0)
+        model.release.set()
+        await asyncio.gather(first, later)  # b goes without the second caller it waited for
+        return model.batches
+
+    assert run(scenario()) == [["a"], ["b"]]
 
 
 def test_a_failed_batch_fails_its_callers_and_the_next_batch_runs() -> None:
