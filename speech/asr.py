@@ -493,11 +493,16 @@ class WhisperEngine:
         )
         return self.model.proj_out(out.last_hidden_state).float()
 
-    def _transcribe_group(self, windows: list[Window], depth: int = 0) -> list[WindowResult]:
+    def _transcribe_group(self, windows: list[Window], depth: int = 0,
+                          languages: list[str] | None = None) -> list[WindowResult]:
+        """`languages`: one per window, already detected (a re-decoded part of a window keeps
+        its window's language: a few seconds alone are often misdetected)."""
         opts = windows[0].options
         enc = self._encode(windows)
         lang_probs: list[dict[str, float] | None] = [None] * len(windows)
-        if self.is_multilingual and not opts.language:
+        if languages is not None:
+            langs = list(languages)
+        elif self.is_multilingual and not opts.language:
             langs, lang_probs = self._detect_languages(enc)  # type: ignore[assignment]
         else:
             langs = [opts.language or "en"] * len(windows)
@@ -555,7 +560,8 @@ class WhisperEngine:
                 retries.append((k, at, -1, start, self._sub_window(window, start, end)))
         if not retries:
             return
-        redone = self._transcribe_group([w for *_, w in retries], depth + 1)
+        redone = self._transcribe_group([w for *_, w in retries], depth + 1,
+                                        [results[k].language for k, *_ in retries])
         # Insert from the back of each window so earlier insertion points stay valid; where a
         # cut segment's tail and the gap after it go in at one place, the gap goes in first.
         order = sorted(range(len(retries)),

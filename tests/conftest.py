@@ -17,6 +17,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEECH_DATA_DIR = REPO_ROOT / "tests" / "data"
 """Real recordings with their references, kept in the repository (tests/data/README.md)."""
+MIXED_LANGUAGE_CLIPS = {"de": "fleurs_multilingual/fleurs-de-004.ogg", "en": "jfk/jfk.flac",
+                        "fr": "fleurs_multilingual/fleurs-fr-005.ogg"}
+"""One clip per language (under SPEECH_DATA_DIR), each one window of 7-11 s: a batch that mixes
+detected languages, for the engine, the service and the bulk pipeline alike."""
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The multilingual `base` model on real German and French speech (FLEURS, tests/data/fleurs_multilingual):
-language detection with its probabilities, translation into English, a forced wrong language, and
-what a model can do read without loading it."""
+language detection with its probabilities, windows of different detected languages in one batch,
+translation into English, a forced wrong language, and what a model can do read without loading it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from speech.formats import render
 from speech.types import TranscribeOptions, Transcript
+from tests.conftest import MIXED_LANGUAGE_CLIPS as MIXED
 
 CLIPS = {"de": ["fleurs-de-004.ogg", "fleurs-de-005.ogg"], "fr": ["fleurs-fr-005.ogg", "fleurs-fr-008.ogg"]}
 ENGLISH_FUNCTION_WORDS = {"the", "a", "of", "to", "in", "and", "is", "with", "that", "for", "from"}
@@ -70,6 +71,35 @@ def test_detection_reports_its_confidence_in_verbose_json(detected, lang):
         assert body["language"] == {"de": "german", "fr": "french"}[lang]
         assert body["language_probs"] == probs
         assert Transcript.from_dict(json.loads(json.dumps(transcript.to_dict()))).language_probs == probs
+
+
+def _comparable(t: Transcript) -> tuple:
+    return t.language, t.text, [(s.start, s.end, s.text) for s in t.segments]
+
+
+def test_one_batch_of_german_english_and_french_equals_each_clip_alone(base_engine, decode, speech_data_dir,
+                                                                       monkeypatch):
+    """No `language=`: the three windows share one decoding batch (same options), and each keeps
+    its own detected language token: language, text and segment times as when decoded alone."""
+    audios = {lang: decode(speech_data_dir / clip) for lang, clip in MIXED.items()}
+    batches: list[int] = []
+    group = base_engine._transcribe_group
+
+    def recorded(windows, depth=0, *rest, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if depth == 0:  # deeper calls re-decode parts of these windows
+            batches.append(len(windows))
+        return group(windows, depth, *rest, **kw)
+
+    monkeypatch.setattr(base_engine, "_transcribe_group", recorded)
+    together = dict(zip(MIXED, base_engine.transcribe(list(audios.values()), TranscribeOptions()), strict=True))
+    assert batches == [len(MIXED)], f"the three windows were not decoded in one batch: {batches}"
+    batches.clear()
+    alone = {lang: base_engine.transcribe([audio], TranscribeOptions())[0] for lang, audio in audios.items()}
+    assert batches == [1] * len(MIXED)
+    for lang in MIXED:
+        assert together[lang].language == lang, (lang, together[lang].language_probs)
+        assert _comparable(together[lang]) == _comparable(alone[lang]), lang
+        assert together[lang].language_probs[lang] == pytest.approx(alone[lang].language_probs[lang], abs=1e-3)
 
 
 def test_a_given_language_reports_no_detection_and_old_transcripts_still_load(base_engine, clips):
