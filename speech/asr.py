@@ -444,20 +444,31 @@ class WhisperEngine:
     def _features(self, windows: Sequence[Window]) -> torch.Tensor:
         """Whisper's log-mel spectrogram of 30 s windows, computed batched on the model's device.
 
-        Same arithmetic as WhisperFeatureExtractor (checked in tests), without its round trip
-        through numpy per window, which on a GPU cost more than the encoder.
+        As in Whisper's own decoding (and faster-whisper's), a window shorter than 30 s is
+        normalised over its own frames and the rest of the 3,000 frames is padded with zeros
+        *after* normalisation; transformers' feature extractor pads the audio instead, which gives
+        the model a different "silence" than it was trained on. Same arithmetic as
+        WhisperFeatureExtractor over the audio's frames (checked in tests), without its round
+        trip through numpy per window, which on a GPU cost more than the encoder.
         """
         n = N_SAMPLES
-        batch = np.zeros((len(windows), n), dtype=np.float32)
+        # zeros after the 30 s, as Whisper's padding: the last frame is not reflected audio
+        batch = np.zeros((len(windows), n + N_FFT), dtype=np.float32)
+        frames = []
         for k, w in enumerate(windows):
             batch[k, : min(n, len(w.samples))] = w.samples[:n]
+            frames.append(max(1, min(n, len(w.samples)) // HOP_LENGTH))
         audio = torch.from_numpy(batch).to(self.device)
         stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=self._hann, return_complex=True)
-        power = stft[..., :-1].abs() ** 2
+        power = stft[..., : n // HOP_LENGTH].abs() ** 2
         mel = self._mel_filters @ power
         log_spec = torch.clamp(mel, min=1e-10).log10()
-        log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
-        return ((log_spec + 4.0) / 4.0).to(self._dtype)
+        content = torch.arange(log_spec.shape[-1], device=self.device)[None, :] < torch.tensor(
+            frames, device=self.device)[:, None]
+        content = content[:, None, :]
+        peak = torch.where(content, log_spec, torch.full_like(log_spec, -torch.inf)).amax(dim=(1, 2), keepdim=True)
+        log_spec = torch.maximum(log_spec, peak - 8.0)
+        return torch.where(content, (log_spec + 4.0) / 4.0, torch.zeros_like(log_spec)).to(self._dtype)
 
     def _encode(self, windows: Sequence[Window]) -> torch.Tensor:
         features = self._features(windows)
