@@ -53,11 +53,15 @@ def drive(url: str, clients: int, seconds: float, clips: list[Path], dur: dict[P
 
 
 def _replica_budget() -> tuple[int, int]:
-    """(torch threads, max batch size) of the ASR replica in serve_config.yaml."""
+    """(torch threads, max batch size) of the ASR replica in serve_config.yaml: the most threads
+    its batches may use (`threads_when_alone` when the machine is otherwise idle, else one per
+    CPU asked for), so the engine alone is measured with no fewer threads than the replica had."""
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     asr = next(d for d in config["applications"][0]["deployments"] if d["name"] == "ASRDeployment")
+    user_config = asr.get("user_config") or {}
     threads = max(1, int(asr["ray_actor_options"]["num_cpus"]))  # Ray sets OMP threads so
-    return threads, int((asr.get("user_config") or {}).get("max_batch_size", 8))
+    threads = max(threads, int(user_config.get("threads_when_alone") or 0))
+    return threads, int(user_config.get("max_batch_size", 8))
 
 
 def _engine():  # noqa: ANN202 - a loaded WhisperEngine on the replica's budget
@@ -208,8 +212,9 @@ def where_time_goes(url: str, before: dict[str, tuple[float, float]], batches: l
         busy = sum(b["compute_s"] for b in batches) / wall_s if wall_s else float("nan")
         queued = statistics.fmean(b.get("queued_s", float("nan")) for b in batches)
         compute = statistics.fmean(b["compute_s"] for b in batches)
+        lent = sum(b.get("threads", 1) > 1 for b in batches)
         parts.append(f"| replica: queued {1000 * queued:.0f}, compute/batch {1000 * compute:.0f}, "
-                     f"model busy {busy:.0%}")
+                     f"model busy {busy:.0%}, {lent}/{len(batches)} batches with threads_when_alone")
         sizes = " ".join(str(b["batch_size"]) for b in batches)
         return "    ms per request: " + ", ".join(parts) + f"\n    batches in order: {sizes}"
     return "    ms per request: " + ", ".join(parts)

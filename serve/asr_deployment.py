@@ -7,7 +7,12 @@ at a time, and each window is submitted to one `MicroBatcher` (serve/batching.py
 the model is free. The model call runs in a worker thread (`asyncio.to_thread`) so the event
 loop keeps accepting windows meanwhile.
 
-Batch size and wait come from `user_config` (`reconfigure`), so they change without a redeploy.
+Batch size and wait come from `user_config` (`reconfigure`), so they change without a redeploy;
+so does `threads_when_alone`: torch threads for a batch that holds every request in flight here
+while the rest of the machine was idle during the last batch (`serve/spare_cores.py`; a lone
+request on the CPU profile's two cores is decoded up to 20 % sooner with both), while batches that
+share the machine with other requests' upload, decoding and planning keep the one thread per CPU
+Ray gave the replica.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from config.settings import get_settings
 from serve.batching import MicroBatcher
 from serve.errors import OverloadedError
 from serve.metrics import ReplicaMetrics
+from serve.spare_cores import SpareCores
 from speech.types import SAMPLE_RATE, TranscribeOptions, Window, WindowResult
 
 log = logging.getLogger("serve.asr")
@@ -76,9 +82,10 @@ class ASRDeployment:
         self._metrics.model_load_seconds.set(load_s, tags={"model": self._engine.model_name})
         import torch
 
+        self._threads = torch.get_num_threads()
         log.info("asr replica ready", extra={"model": self._engine.model_name,
                                              "load_seconds": round(load_s, 2),
-                                             "torch_threads": torch.get_num_threads()})
+                                             "torch_threads": self._threads})
         self._queued = 0
         self._computing = 0
         self._waiting: dict[str, int] = {}
@@ -88,10 +95,13 @@ class ASRDeployment:
         here costs, for `max_wait_s`. Conservative (small batches cost more per window), so a
         synchronous request is shed rather than held past its client's timeout."""
         self._batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
-                          "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S}
+                          "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S,
+                          "threads_when_alone": None}
         self._batcher: MicroBatcher[_Item, WindowResult] = MicroBatcher(
-            self._batched_windows, **self._batching)
+            self._batched_windows, max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+            batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=BATCH_HISTORY)
+        self._spare = SpareCores()
 
     def _warm_up(self) -> None:
         """Pay first-call costs (kernels, caches) before taking traffic, so the first requests
@@ -100,13 +110,16 @@ class ASRDeployment:
         self._engine.transcribe_windows([Window(second, 0.0, TranscribeOptions())])
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Apply `user_config`: `max_batch_size` and `batch_wait_timeout_s`."""
+        """Apply `user_config`: `max_batch_size`, `batch_wait_timeout_s`, `threads_when_alone`."""
         size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         wait = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
+        alone = config.get("threads_when_alone")
+        if alone is not None and int(alone) < 1:
+            raise ValueError(f"threads_when_alone must be at least 1, got {alone}")
         self._batcher.configure(max_batch_size=size, batch_wait_timeout_s=wait)
-        self._batching = {"max_batch_size": size, "batch_wait_timeout_s": wait}
-        log.info("asr batching configured", extra={"max_batch_size": size,
-                                                   "batch_wait_timeout_s": wait})
+        self._batching = {"max_batch_size": size, "batch_wait_timeout_s": wait,
+                          "threads_when_alone": None if alone is None else int(alone)}
+        log.info("asr batching configured", extra=self._batching)
 
     async def transcribe_windows(self, windows: list[Window], max_wait_s: float | None = None,
                                  tag: str | None = None) -> list[WindowResult]:
@@ -141,22 +154,28 @@ class ASRDeployment:
         self._set_queued(-taken)
         windows = [item.window for item in items]
         audio_s = sum(len(w.samples) for w in windows) / SAMPLE_RATE
+        requests = len({item.request_id for item in items})
+        in_flight = len(self._waiting)  # requests here, this batch's included
+        others_cores = self._spare.others_cores  # what the rest of the machine used last batch
+        alone = requests == in_flight and not self._queued and self._spare.idle
+        threads = self._batching["threads_when_alone"] if alone else None
         t0 = time.perf_counter()
         queued_s = sum(t0 - item.queued_at for item in items) / len(items)  # mean wait for a batch
         self._computing += len(items)
+        self._spare.start()
         try:
-            results = await asyncio.to_thread(self._engine.transcribe_windows, windows)
+            results = await asyncio.to_thread(self._engine.transcribe_windows, windows, threads=threads)
         except Exception:
             self._metrics.asr_errors.inc()
             log.exception("asr batch failed", extra={"batch_size": len(items)})
             raise
         finally:
             self._computing -= len(items)
+            self._spare.stop()
         compute_s = time.perf_counter() - t0
         per_window = compute_s / len(items)
         self._window_s = (per_window if self._window_s is None
                           else 0.7 * self._window_s + 0.3 * per_window)
-        requests = len({item.request_id for item in items})
         self._metrics.asr_batch_size.observe(len(items))
         self._metrics.asr_windows.inc(len(items))
         self._metrics.asr_audio_seconds.inc(audio_s)
@@ -164,7 +183,9 @@ class ASRDeployment:
             self._metrics.asr_real_time_factor.set(audio_s / compute_s)
         self._batches.append({"batch_size": len(items), "requests": requests,
                               "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3),
-                              "queued_s": round(queued_s, 3),
+                              "queued_s": round(queued_s, 3), "in_flight_requests": in_flight,
+                              "threads": threads or self._threads,
+                              "others_cores_before": None if others_cores is None else round(others_cores, 2),
                               "windows": [[item.tag, item.window.index] for item in items]})
         log.info("asr batch", extra={"batch_size": len(items), "requests": requests,
                                      "audio_s": round(audio_s, 3), "compute_s": round(compute_s, 3)})

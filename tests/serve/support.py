@@ -101,7 +101,7 @@ def test_app_config(storage: Path) -> dict:
             {"name": "Ingress", "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
             {"name": "ASRDeployment", "max_ongoing_requests": ASR_MAX_ONGOING,
              "max_queued_requests": ASR_MAX_QUEUED,
-             "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.1},
+             "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.1, "threads_when_alone": 2},
              "ray_actor_options": {"num_cpus": 1}},
             {"name": "DiarizationDeployment", "ray_actor_options": {"num_cpus": 0}},
             {"name": "JobRunnerDeployment", "ray_actor_options": {"num_cpus": 0}},

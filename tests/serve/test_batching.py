@@ -190,3 +190,33 @@ def test_sixteen_concurrent_requests_share_batches(service, openai_client) -> No
     shared = [b for b in batches if b["requests"] >= 2]
     assert shared, f"every batch held a single request: {batches}"
     assert max(b["batch_size"] for b in batches) >= 4, batches
+    # the spare core goes to a batch only while no other request is in flight at the replica
+    # and the rest of the machine was idle during the batch before
+    for b in batches:
+        assert b["in_flight_requests"] >= b["requests"], b
+        assert b["threads"] == (2 if _may_borrow(b) else 1), b
+
+
+def _may_borrow(batch: dict) -> bool:
+    others = batch["others_cores_before"]
+    return batch["requests"] == batch["in_flight_requests"] and others is not None and others < 0.5
+
+
+def test_a_lone_request_on_an_idle_machine_is_decoded_with_the_spare_threads(service, openai_client) -> None:  # noqa: ANN001
+    """`threads_when_alone` (2 in the test config, one CPU for the replica): nothing else is in
+    flight and the machine was idle during the batch before, so the model may use the core the
+    rest of the service is not using."""
+    asr = serve.get_deployment_handle("ASRDeployment", service.app_name)
+    before = len(asr.batch_stats.remote().result()["batches"])
+    paths, texts = SHORT_CLIPS[:3], []
+    for path in paths:  # one after another: each batch measures the machine for the next
+        with open(path, "rb") as f:
+            texts.append(openai_client.audio.transcriptions.create(file=(path.name, f), model="whisper-1").text)
+    assert word_error_rate([reference(p) for p in paths], texts) <= 0.15, texts
+    stats = asr.batch_stats.remote().result()
+    assert stats["threads_when_alone"] == 2
+    batches = stats["batches"][before:]
+    assert [(b["requests"], b["in_flight_requests"]) for b in batches] == [(1, 1)] * 3, batches
+    for b in batches:
+        assert b["threads"] == (2 if _may_borrow(b) else 1), b
+    assert any(b["threads"] == 2 for b in batches[1:]), batches

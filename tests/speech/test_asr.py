@@ -105,6 +105,20 @@ def test_windows_of_many_inputs_batched_equal_each_alone(tiny_engine, decode, sp
     ]
 
 
+def test_a_call_may_borrow_threads_and_gives_them_back(tiny_engine, decode, speech_data_dir):
+    """`threads=` (the replica's spare core for a lone request) changes the speed, not the text,
+    and only for that call."""
+    import torch
+
+    audio = decode(speech_data_dir / "jfk" / "jfk.flac")
+    windows = tiny_engine.planner.plan(audio, EN)
+    before = torch.get_num_threads()
+    one = tiny_engine.transcribe_windows(windows, threads=1)
+    two = tiny_engine.transcribe_windows(windows, threads=2)
+    assert torch.get_num_threads() == before
+    assert [s.text for r in two for s in r.segments] == [s.text for r in one for s in r.segments]
+
+
 def test_long_form_loses_no_window(tiny_engine, decode, speech_data_dir):
     """A 76.5 s conversation (three windows or more) in one call against its 8 turns (LibriSpeech
     utterances, from its RTTM) transcribed one by one."""
