@@ -2,9 +2,8 @@
 
 The ASR replica lends the model more torch threads (`threads_when_alone`) only when that would
 not take cores from other work: the replica sees its own queue, not the ingress decoding and
-planning uploads or the requests it is refusing with 503, and an OpenMP thread spinning beside
-that work slows both (64 clients on 2 cores: 22 s per batch of 16 against 9 s). So each batch
-measures the CPU time the machine spent outside this process during it (Linux's /proc/stat
+planning uploads or the requests it is refusing with 503, and OpenMP threads spinning beside
+that work slow both (serve_config.yaml, on `num_cpus`). So each batch measures the CPU time the machine spent outside this process during it (Linux's /proc/stat
 against `time.process_time`), and the next batch borrows only if that was under half a core.
 """
 
